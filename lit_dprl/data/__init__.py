@@ -1,0 +1,1 @@
+"""Data modules and loaders for the three stages."""

@@ -1,0 +1,39 @@
+"""Per-example losses. Each returns one value per row so that rows (privacy units) never mix.
+
+The batch loss a LightningModule returns is the plain mean of these per-example values; a
+batch-wide token mean (Hugging Face's ``labels=`` loss) would weight every example by the
+others' lengths and couple them, so it is never used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_row_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean over masked positions: ``sum_t(v[b,t]·m[b,t]) / max(1, sum_t m[b,t])``, shape ``[B]``."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[b, t, tokens[b, t]]``, shape ``[B, T]`` (logits already aligned to tokens)."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def causal_lm_sequence_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
+    """Per-sequence next-token NLL: ``-(1/|M_b|) · sum_{t in M_b} log p(x_{b,t+1} | x_{b,<=t})``, shape ``[B]``.
+
+    ``loss_mask[b, t]`` marks the *target* tokens ``x_{b,t}`` that count (padding and, if wanted, the
+    prompt are 0).
+    """
+    logprobs = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    return -masked_row_mean(logprobs, loss_mask[:, 1:])
+
+
+def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair Bradley–Terry loss ``-log σ(r_chosen - r_rejected)``, shape ``[B]`` (log 2 when equal)."""
+    return -F.logsigmoid(reward_chosen - reward_rejected)

