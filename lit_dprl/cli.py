@@ -1,0 +1,67 @@
+"""The command line: ``python train.py fit --config configs/<task>/<stage>.yaml``.
+
+A thin ``LightningCLI``: any LightningModule/DataModule by ``class_path``, ``DPCallback`` under
+``trainer.callbacks``. After ``fit`` it prints the privacy guarantee and, with
+``--validate_before_fit=true``, the validation metrics before and after training.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.cli import LightningCLI
+
+from lit_dprl.privacy import DPCallback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _format_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items()) if k.startswith("val"))
+
+
+class LitDPRLCLI(LightningCLI):
+    """LightningCLI with a privacy summary after ``fit``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--validate_before_fit",
+            type=bool,
+            default=False,
+            help="Run validation before fit so the summary shows metrics before and after training.",
+        )
+
+    def before_fit(self) -> None:
+        self._before = None
+        if self.config.get(self.subcommand, {}).get("validate_before_fit"):
+            results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            self._before = results[0] if results else None
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        after = {k: v for k, v in self.trainer.callback_metrics.items() if k.startswith("val")}
+        if self._before:
+            print(f"validation before fit: {_format_metrics(self._before)}")
+        if after:
+            print(f"validation after fit:  {_format_metrics(after)}")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, DPCallback) and callback.delta is not None:
+                print(
+                    f"privacy: (ε={callback.epsilon:.3f}, δ={callback.delta:.3g})-DP after {callback.steps} "
+                    f"Poisson batches (q={callback.sample_rate:.4g}, σ={callback.noise_multiplier:.4g}, "
+                    f"C={callback.max_grad_norm:g}, {callback.accountant_name.upper()} accountant); "
+                    f"report: {getattr(callback, 'report_path', 'not written')}"
+                )
+
+
+def main(args: list[str] | None = None) -> LitDPRLCLI:
+    """Entry point of ``train.py``."""
+    return LitDPRLCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

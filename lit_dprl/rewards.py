@@ -1,0 +1,199 @@
+"""Reward sources for PPO: ``(prompts, responses) -> one float per response``.
+
+- :func:`load_reward_callable` imports any ``"package.module:function"`` with that signature
+  (rule-based or remote rewards);
+- :class:`SequenceClassifierReward` scores texts with a local Hugging Face sequence classifier
+  (a public sentiment classifier, or a reward model saved by stage 2);
+- :func:`vowel_fraction` is a toy reward for tests and tiny runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from lit_dprl.models import position_ids_from_mask
+
+
+class RewardFunction(Protocol):
+    """``reward(prompts, responses) -> scores`` with ``len(scores) == len(responses)``."""
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]: ...
+
+
+def load_reward_callable(spec: str) -> RewardFunction:
+    """Import and return the callable named by ``"package.module:function"``."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute or ":" in attribute:
+        raise ValueError(
+            f"reward function spec {spec!r} must look like 'package.module:function' "
+            "(for example 'lit_dprl.rewards:vowel_fraction')."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not (module_name == error.name or module_name.startswith(error.name + ".")):
+            raise  # the module exists but one of its own imports is missing
+        raise ModuleNotFoundError(
+            f"cannot import module {module_name!r} from reward function spec {spec!r}: it is not installed "
+            "and not on PYTHONPATH.",
+            name=error.name,
+        ) from error
+    if not hasattr(module, attribute):
+        raise AttributeError(
+            f"module {module_name!r} has no attribute {attribute!r} (reward function spec {spec!r})."
+        )
+    function = getattr(module, attribute)
+    if not callable(function):
+        raise TypeError(
+            f"{spec!r} is a {type(function).__name__}, not a callable; it must be a function "
+            "(prompts: list[str], responses: list[str]) -> list[float]."
+        )
+    return function
+
+
+def score_responses(
+    reward: RewardFunction, prompts: list[str], responses: list[str], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Call ``reward`` and return its scores as a float32 tensor ``[B]``, checking length and finiteness."""
+    scores = torch.as_tensor(list(reward(prompts, responses)), dtype=torch.float32, device=device)
+    if scores.shape != (len(responses),):
+        raise ValueError(
+            f"the reward function returned {tuple(scores.shape)} values for {len(responses)} responses; "
+            "it must return one float per response."
+        )
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"the reward function returned non-finite scores: {scores.tolist()}.")
+    return scores
+
+
+class SequenceClassifierReward:
+    """Score ``prompt + response`` with a local ``AutoModelForSequenceClassification`` directory.
+
+    The classifier is frozen (``eval()``, ``requires_grad=False``, scored under ``no_grad``). It is a
+    plain object, not an ``nn.Module``, so a LightningModule holding it does not register its weights
+    as trainable; move it with :meth:`to`.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        label: int | str = 1,
+        output: Literal["logit", "probability"] = "logit",
+        batch_size: int = 32,
+        max_length: int = 256,
+        include_prompt: bool = True,
+    ) -> None:
+        """
+        Args:
+            directory: Local Hugging Face model directory (``config.json``, weights, tokenizer files).
+                Hub names are refused: nothing is downloaded.
+            label: The class whose logit/probability is the reward, by index or by name (``config.label2id``).
+            output: ``"logit"`` (raw score, TRL's sentiment recipe) or ``"probability"`` (softmax over the
+                classes; sigmoid when the model has a single output).
+            batch_size: Texts per classifier forward.
+            max_length: Longest tokenised text; longer texts lose their beginning (the response end is kept).
+            include_prompt: Score ``prompt + response`` (True) or the response alone (False).
+        """
+        path = Path(directory).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"reward classifier {directory!r} is not a local model directory with a config.json. Hub names "
+                "are not downloaded: save the model with `save_pretrained` and pass that directory."
+            )
+        if output not in ("logit", "probability"):
+            raise ValueError(f"output must be 'logit' or 'probability', got {output!r}.")
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}.")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.float32, local_files_only=True
+        )
+        self.model.eval().requires_grad_(False)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.tokenizer.truncation_side = "left"
+        self.passes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
+        if not self.passes_position_ids:
+            self.tokenizer.padding_side = "right"  # default absolute positions are then right for real tokens
+        self.label = self._label_index(label)
+        self.output = output
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.include_prompt = include_prompt
+
+    def _label_index(self, label: int | str) -> int:
+        num_labels = self.model.config.num_labels
+        if isinstance(label, str):
+            label2id = self.model.config.label2id
+            if label not in label2id:
+                raise ValueError(f"label {label!r} is not one of the classifier's labels {sorted(label2id)}.")
+            return int(label2id[label])
+        if not 0 <= label < num_labels:
+            raise ValueError(
+                f"label index {label} is out of range for a classifier with {num_labels} outputs."
+            )
+        return label
+
+    def to(self, device: torch.device | str) -> SequenceClassifierReward:
+        """Move the classifier to ``device``; returns ``self``."""
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """Classifier logits ``[N, num_labels]`` for ``texts``, in batches of ``batch_size``."""
+        device = next(self.model.parameters()).device
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            if self.passes_position_ids:
+                inputs["position_ids"] = position_ids_from_mask(batch["attention_mask"])
+            chunks.append(self.model(**inputs).logits.float())
+        return torch.cat(chunks)
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """Reward per response: the chosen label's logit or probability."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses.")
+        texts = (
+            [p + r for p, r in zip(prompts, responses, strict=True)]
+            if self.include_prompt
+            else list(responses)
+        )
+        logits = self.logits(texts)
+        if self.output == "logit":
+            scores = logits[:, self.label]
+        elif logits.size(-1) == 1:
+            scores = torch.sigmoid(logits[:, 0])
+        else:
+            scores = torch.softmax(logits, -1)[:, self.label]
+        return scores.tolist()
+
+
+VOWELS = frozenset("aeiouAEIOU")
+
+
+def vowel_fraction(prompts: list[str], responses: list[str]) -> list[float]:
+    """TOY reward for tests and tiny runs: the fraction of a response's characters that are vowels.
+
+    ``score = #{c in response : c in "aeiouAEIOU"} / max(1, len(response))``, in [0, 1]; the prompt is
+    ignored. It measures nothing about quality: it only gives a byte-level model a signal it can learn to
+    increase within a few PPO steps.
+    """
+    return [sum(c in VOWELS for c in r) / max(1, len(r)) for r in responses]
