@@ -487,7 +487,7 @@ class DPCallback(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        partial_batch = any(
+        partial_batch = len(self._steps_at_batch_start) == len(self._dp_optimizers) and any(
             opt.noisy_steps > start
             for opt, start in zip(self._dp_optimizers, self._steps_at_batch_start, strict=True)
         )
