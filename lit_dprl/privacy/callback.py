@@ -136,6 +136,7 @@ class DPCallback(Callback):
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
         self._unpatch: list[Callable[[], None]] = []
         self._world_size = 1
+        self._report_dir: str | None = None
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -354,6 +355,7 @@ class DPCallback(Callback):
 
     # ------------------------------------------------------------------ train start: σ, optimizers, budget
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report_dir = trainer.log_dir  # a collective under DDP: read it on every rank, here
         if not self.poisson_sampling:
             loader = trainer.train_dataloader
             batch_size = getattr(loader, "batch_size", None)
@@ -547,7 +549,7 @@ class DPCallback(Callback):
 
     @rank_zero_only
     def _write_report(self, trainer: pl.Trainer) -> None:
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory = Path(self._report_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / self.report_name
         tmp = target.with_suffix(target.suffix + ".tmp")

@@ -1,0 +1,48 @@
+"""Run by tests/test_privacy_ddp.py as a script: Lightning DDP relaunches it once per rank."""
+
+import sys
+import warnings
+
+import lightning.pytorch as pl
+import torch
+
+from lit_dprl.privacy import DPCallback
+from tests.toy_modules import ToyClassifier
+
+warnings.filterwarnings("ignore")
+
+if __name__ == "__main__":
+    out_dir, zero_loss, sigma, steps = (
+        sys.argv[1],
+        sys.argv[2] == "zero",
+        float(sys.argv[3]),
+        int(sys.argv[4]),
+    )
+    torch.manual_seed(0)
+    model = ToyClassifier(n=64, batch_size=8, lr=1.0, hidden=300 if zero_loss else 16, zero_loss=zero_loss)
+    initial = torch.cat([p.detach().flatten() for p in model.parameters()])
+    cb = DPCallback(noise_multiplier=sigma, max_grad_norm=0.5, sampling_seed=11)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=steps,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out_dir,
+    )
+    trainer.fit(model)
+    final = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.save(
+        {
+            "initial": initial,
+            "final": final,
+            "batch_sizes": model.batch_sizes,
+            "steps": cb.steps,
+            "q": cb.sample_rate,
+        },
+        f"{out_dir}/rank{trainer.global_rank}.pt",
+    )
