@@ -72,3 +72,8 @@ class TwoOptimizerModule(ToyClassifier):
             torch.optim.SGD(self.net[0].parameters(), lr=self.lr),
             torch.optim.SGD(self.net[2].parameters(), lr=self.lr),
         )
+
+
+def mean_char_code(prompts: list[str], responses: list[str]) -> list[float]:
+    """A dense toy reward for tests: the mean code point of the response's characters / 255."""
+    return [sum(map(ord, r)) / (255 * max(1, len(r))) for r in responses]

@@ -15,6 +15,10 @@ sampling and privacy accounting. The module and data carry no DP code; they foll
    ``num_mini_batches``), and takes exactly that many steps per optimizer, empty minibatches
    included (skip forward/backward, still call ``step()``). The callback checks the count.
 5. Forwards that are not part of the loss (generation, scoring) run under ``torch.no_grad()``.
+6. A module may list settings that would couple examples in ``privacy_hazards() -> list[str]``;
+   the callback refuses to run while that list is non-empty. If it has an ``export_dir`` (attribute or
+   hyperparameter),
+   ``privacy.json`` is also written there, next to the exported model.
 
 Accounting: one Poisson batch at rate q is one event ``PoissonSampled(q, k × Gaussian(σ))`` with
 k = (number of optimizers) × ``epochs_per_batch`` (see ``accounting.py``). Values logged during
@@ -204,6 +208,13 @@ class DPCallback(Callback):
             raise DPConfigurationError(
                 f"strategy {type(trainer.strategy).__name__} is not supported by DPCallback; use a single "
                 "device or strategy='ddp' (or 'ddp_spawn')"
+            )
+        hazards = pl_module.privacy_hazards() if hasattr(pl_module, "privacy_hazards") else []
+        if hazards:
+            raise DPConfigurationError(
+                "settings that break the per-example guarantee: "
+                + "; ".join(hazards)
+                + ". Turn them off for a private run (they remain available without DPCallback)."
             )
         self._world_size = trainer.world_size
         pl_module._lit_dprl_dp_callback = self
@@ -500,7 +511,8 @@ class DPCallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._delta is not None:
-            self._write_report(trainer)
+            export_dir = getattr(pl_module, "export_dir", None) or pl_module.hparams.get("export_dir")
+            self._write_report(trainer, export_dir)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -548,14 +560,19 @@ class DPCallback(Callback):
         }
 
     @rank_zero_only
-    def _write_report(self, trainer: pl.Trainer) -> None:
-        directory = Path(self._report_dir or trainer.default_root_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / self.report_name
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.report(), indent=2, ensure_ascii=False) + "\n")
-        tmp.replace(target)
-        self.report_path = target
+    def _write_report(self, trainer: pl.Trainer, export_dir: str | None = None) -> None:
+        """Write the report into the log dir and, next to the exported model, into ``export_dir``."""
+        text = json.dumps(self.report(), indent=2, ensure_ascii=False) + "\n"
+        directories = [Path(self._report_dir or trainer.default_root_dir)]
+        if export_dir:
+            directories.append(Path(export_dir))
+        for directory in directories:
+            directory.mkdir(parents=True, exist_ok=True)
+            target = directory / self.report_name
+            tmp = target.with_suffix(target.suffix + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(target)
+        self.report_path = directories[0] / self.report_name
 
     def state_dict(self) -> dict[str, Any]:
         return {

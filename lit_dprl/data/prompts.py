@@ -1,0 +1,159 @@
+"""Prompts for DP-PPO (stage 3): the private prompt set D3, one prompt = one privacy unit.
+
+For the IMDb task a prompt is the first few words of a review (TRL's gpt2-sentiment recipe and the
+paper's sample prefixes use 2–8 tokens); the policy continues it and a public sentiment reward scores it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import lightning as L
+import numpy as np
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lit_dprl.data.files import load_local_dataset, require_columns, text_column
+from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
+from lit_dprl.data.padding import left_pad
+from lit_dprl.data.splits import assign_splits
+from lit_dprl.models import load_tokenizer
+
+IMDB = "imdb"
+
+
+def first_words(texts: list[str], min_words: int, max_words: int, seed: int) -> list[str]:
+    """Each text cut to its first k words, k drawn uniformly from ``[min_words, max_words]`` per text (seeded)."""
+    if not 1 <= min_words <= max_words:
+        raise ValueError(f"need 1 <= min_words <= max_words, got {min_words}, {max_words}")
+    counts = np.random.default_rng(seed).integers(min_words, max_words + 1, size=len(texts))
+    return [" ".join(text.split()[:k]) for text, k in zip(texts, counts, strict=True)]
+
+
+def collate_prompts(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch: ``input_ids`` and ``attention_mask``, ``[B, T]``."""
+    input_ids, attention_mask = left_pad([row["input_ids"] for row in rows], pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Private training prompts (D3) and held-out evaluation prompts.
+
+    Args:
+        tokenizer: Model source whose tokenizer to use (same as the policy's).
+        source: "imdb" (prompts = first words of reviews: training from the private PPO set D3 of
+            ``lit_dprl.data.imdb.split_imdb``, validation from its held-out test split) or a local
+            .jsonl/.json/.csv/.parquet file with a ``prompt_field`` column (split by ``user_id`` if present).
+        prompt_field: Column holding prompts in a local file.
+        min_prompt_words: Fewest words of a review kept as an IMDb prompt.
+        max_prompt_words: Most words of a review kept as an IMDb prompt.
+        max_prompt_tokens: Prompts are cut to their last this-many tokens.
+        batch_size: Prompts per rollout batch (the expected batch under DP's Poisson sampling).
+        max_train_prompts: Keep only this many (random) training prompts.
+        max_val_prompts: Keep only this many (random) held-out prompts.
+        val_fraction: Share of a local file held out for evaluation.
+        seed: Seed of the data splits; keep it equal across stages so D1/D2/D3 stay disjoint.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "tiny",
+        source: str = IMDB,
+        prompt_field: str = "prompt",
+        min_prompt_words: int = 2,
+        max_prompt_words: int = 6,
+        max_prompt_tokens: int = 32,
+        batch_size: int = 16,
+        max_train_prompts: int | None = None,
+        max_val_prompts: int | None = 64,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def dataset_size(self) -> int:
+        """Number of training prompts (privacy units), known after ``setup``."""
+        if self.train_set is None:
+            raise RuntimeError("PromptDataModule.dataset_size is known only after setup()")
+        return len(self.train_set)
+
+    def raw_prompts(self) -> tuple[list[str], list[str]]:
+        """Untokenized ``(train, validation)`` prompts."""
+        hp = self.hparams
+        if hp.source == IMDB:
+            splits = split_imdb(load_imdb_reviews(), seed=hp.seed)
+            train, val = splits["ppo"], splits["test"]
+            train, val = self._limit(train, hp.max_train_prompts), self._limit(val, hp.max_val_prompts)
+            words = functools.partial(
+                first_words, min_words=hp.min_prompt_words, max_words=hp.max_prompt_words
+            )
+            return words(train["text"], seed=hp.seed), words(val["text"], seed=hp.seed + 1)
+        dataset = load_local_dataset(hp.source)
+        require_columns(dataset, [hp.prompt_field], hp.source)
+        parts = assign_splits(
+            dataset, {"train": 1 - hp.val_fraction, "validation": hp.val_fraction}, seed=hp.seed
+        )
+        train = self._limit(parts["train"], hp.max_train_prompts)
+        val = self._limit(parts["validation"], hp.max_val_prompts)
+        where = f"{hp.source}"
+        return text_column(train, hp.prompt_field, where), text_column(val, hp.prompt_field, where)
+
+    @staticmethod
+    def _limit(rows: Dataset, limit: int | None) -> Dataset:
+        return rows if limit is None else rows.select(range(min(limit, len(rows))))
+
+    def _encode(self, prompts: list[str], name: str) -> Dataset:
+        if len(prompts) < self.hparams.batch_size:
+            raise ValueError(
+                f"the {name} prompts number {len(prompts)}, fewer than batch_size={self.hparams.batch_size}; "
+                "lower batch_size or add prompts"
+            )
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ids = [row[-self.hparams.max_prompt_tokens :] for row in ids]
+        empty = [i for i, row in enumerate(ids) if not row]
+        if empty:
+            raise ValueError(f"{len(empty)} {name} prompts are empty (rows {empty[:10]}); remove them")
+        return Dataset.from_dict({"input_ids": ids})
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split and tokenize once."""
+        if self.train_set is not None:
+            return
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        train, val = self.raw_prompts()
+        self.train_set = self._encode(train, "training").with_format("python")
+        self.val_set = self._encode(val, "validation").with_format("python")
+
+    def _collate(self):
+        return functools.partial(collate_prompts, pad_token_id=self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled rollout batches; the DP callback rebuilds it with Poisson sampling."""
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            collate_fn=self._collate(),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Held-out prompts, in order."""
+        return DataLoader(
+            self.val_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            collate_fn=self._collate(),
+            num_workers=self.hparams.num_workers,
+        )
