@@ -233,3 +233,40 @@ def test_checkpoint_resume_restores_ppo_state_and_accountant(prompt_file, tmp_pa
     straight = DPCallback(noise_multiplier=1.0, sampling_seed=0, noise_seed=0)
     make_trainer(tmp_path / "s", [straight], max_steps=4).fit(make_module(), make_data(prompt_file))
     assert resumed_cb.epsilon == pytest.approx(straight.epsilon, rel=1e-9)
+
+
+def _learn(tmp_path, prompt_rows, callbacks, batch_size, steps, epochs, lr):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts = tmp_path / "many_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_rows))
+    data = PromptDataModule(tokenizer="tiny", source=str(prompts), batch_size=batch_size, max_val_prompts=64)
+    pl.seed_everything(0)
+    module = PPOModule(
+        model="tiny",
+        reward_function="lit_dprl.rewards:vowel_fraction",
+        use_lora=False,
+        learning_rate=lr,
+        ppo_epochs=epochs,
+        max_new_tokens=8,
+        kl_coef=0.01,
+    )
+    trainer = make_trainer(tmp_path, callbacks, max_steps=steps * epochs, limit_val_batches=1)
+    before = trainer.validate(module, data, verbose=False)[0]["eval/reward"]
+    trainer.fit(module, data)
+    after = trainer.validate(module, data, verbose=False)[0]["eval/reward"]
+    return before, after
+
+
+def test_ppo_raises_the_reward_without_and_with_dp(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        " ".join(WORDS[j] for j in torch.randint(len(WORDS), (3,), generator=g).tolist()) for _ in range(512)
+    ]
+    before, after = _learn(tmp_path / "plain", rows, [], batch_size=32, steps=12, epochs=2, lr=3e-3)
+    print(f"non-private PPO: mean vowel-fraction reward {before:.3f} -> {after:.3f}")
+    assert after > 3 * before
+    dp = DPCallback(target_epsilon=50.0, max_grad_norm=0.1, sampling_seed=0, noise_seed=0)
+    before_dp, after_dp = _learn(tmp_path / "dp", rows, [dp], batch_size=64, steps=20, epochs=1, lr=1e-2)
+    print(f"DP-PPO (eps={dp.epsilon:.1f}): mean vowel-fraction reward {before_dp:.3f} -> {after_dp:.3f}")
+    assert after_dp > 2 * before_dp
+    assert dp.epsilon <= 50.0

@@ -114,7 +114,7 @@ class PromptDataModule(L.LightningDataModule):
         return rows if limit is None else rows.select(range(min(limit, len(rows))))
 
     def _encode(self, prompts: list[str], name: str) -> Dataset:
-        if len(prompts) < self.hparams.batch_size:
+        if not prompts or (name == "training" and len(prompts) < self.hparams.batch_size):
             raise ValueError(
                 f"the {name} prompts number {len(prompts)}, fewer than batch_size={self.hparams.batch_size}; "
                 "lower batch_size or add prompts"

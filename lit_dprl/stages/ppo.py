@@ -457,7 +457,7 @@ class PPOModule(L.LightningModule):
         self.eval_kl.reset()
 
     def on_validation_epoch_end(self) -> None:
-        if self._samples and self.trainer.is_global_zero and self.trainer.log_dir:
+        if self._samples and self.trainer.is_global_zero and self.logger is not None and self.trainer.log_dir:
             path = Path(self.trainer.log_dir) / f"samples_step{self.global_step}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self._samples))
