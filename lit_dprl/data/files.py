@@ -1,0 +1,89 @@
+"""Loading a local data file (.jsonl, .json, .csv, .parquet) into a ``datasets.Dataset``, offline.
+
+Nothing is fetched from a dataset hub: a source that is not an existing file is refused with a message
+saying so. Text files are checked for UTF-8 first (the json loader would otherwise accept bad bytes
+and fail later, at the first read of the row).
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
+
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_FORMATS = {"json", "csv"}
+
+
+def check_utf8(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """Raise ``ValueError`` naming the byte offset of the first invalid UTF-8 sequence in ``path``."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as file:
+        while chunk := file.read(chunk_bytes):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path} is not valid UTF-8 (byte {offset + err.start}: {chunk[err.start : err.end]!r}); "
+                    "re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`."
+                ) from err
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not valid UTF-8: it ends inside a multi-byte character") from err
+
+
+def load_local_dataset(source: str | os.PathLike) -> Dataset:
+    """Rows of a local .jsonl/.json/.csv/.parquet file as a ``Dataset``; clear errors for anything else."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data source {str(source)!r} is not an existing local file. Hub datasets are not downloaded: "
+            f"pass a local file path ({', '.join(FORMATS)})."
+        )
+    if not path.is_file():
+        raise ValueError(f"data source {str(path)!r} is a directory; pass one file ({', '.join(FORMATS)}).")
+    builder = FORMATS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(
+            f"cannot read {path}: unsupported file type {path.suffix!r}; use one of {list(FORMATS)}"
+        )
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty; it must hold at least one example")
+    if builder in TEXT_FORMATS:
+        check_utf8(path)
+    try:
+        dataset = load_dataset(builder, data_files=str(path), split="train")
+    except (DatasetGenerationError, ValueError) as err:
+        cause = err.__cause__ or err
+        if "corresponds to no data" in str(cause):
+            raise ValueError(f"{path} holds no rows; it must hold at least one example") from err
+        raise ValueError(f"could not read rows from {path} as {builder}: {cause}") from err
+    if len(dataset) == 0:
+        raise ValueError(f"{path} holds no rows; it must hold at least one example")
+    return dataset
+
+
+def require_columns(dataset: Dataset, columns: Sequence[str], where: str) -> None:
+    """Raise ``ValueError`` naming each missing column and the columns ``where`` does have."""
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{where} has no column {', '.join(map(repr, missing))}; its columns are {dataset.column_names}. "
+            "Point the field arguments at existing columns."
+        )
+
+
+def text_column(dataset: Dataset, column: str, where: str) -> list[str]:
+    """The values of ``column`` as strings; ``ValueError`` at the first row that holds no text."""
+    values = dataset[column]
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: column {column!r} holds {value!r} at row {row}, not text")
+    return list(values)

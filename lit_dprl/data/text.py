@@ -1,0 +1,211 @@
+"""Text data for supervised fine-tuning (stage 1): tokenized once, left-padded batches with a loss mask.
+
+One row is one privacy unit. A row is either a plain text (every token after the first is a target) or a prompt
+plus a completion (TL;DR-style post + summary: only the completion tokens are targets).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lit_dprl.data.files import load_local_dataset, require_columns, text_column
+from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
+from lit_dprl.data.padding import left_pad
+from lit_dprl.data.splits import assign_splits
+from lit_dprl.models import load_tokenizer
+
+IMDB = "imdb"
+
+
+def build_example(
+    prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_token_id: int, max_length: int
+) -> tuple[list[int], list[int]]:
+    """``(input_ids, loss_mask)`` of ``prompt + completion + [EOS]`` within ``max_length`` tokens.
+
+    The completion keeps its first tokens and gets EOS only when it fits whole; with a non-empty prompt
+    one prompt token is always kept, so the first completion token is a target too. The prompt keeps its
+    last tokens (those next to the completion). ``loss_mask`` is 1 on completion tokens, 0 on the prompt
+    and on the row's first token: nothing precedes that one (after left padding a pad token would, and
+    the loss would then depend on the padding).
+    """
+    budget = max_length - 1 if prompt_ids else max_length
+    target = [*completion_ids, eos_token_id]
+    if len(target) > budget:
+        target = list(completion_ids[:budget])
+    prompt = list(prompt_ids[max(0, len(prompt_ids) - (max_length - len(target))) :])
+    loss_mask = [0] * len(prompt) + [1] * len(target)
+    loss_mask[0] = 0
+    return prompt + target, loss_mask
+
+
+def tokenize_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    completions: list[str],
+    prompts: list[str] | None,
+    max_length: int,
+) -> Dataset:
+    """Tokenize with one batched call per field; columns ``input_ids``, ``loss_mask`` (see ``build_example``)."""
+    # One token past the limit is enough to tell whether a completion (plus EOS) fits.
+    if prompts is None:
+        completion_ids = tokenizer(completions, truncation=True, max_length=max_length + 1)["input_ids"]
+        prompt_ids = [[] for _ in completions]
+    else:
+        completion_ids = tokenizer(
+            completions, add_special_tokens=False, truncation=True, max_length=max_length + 1
+        )["input_ids"]
+        side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
+        try:
+            prompt_ids = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+        finally:
+            tokenizer.truncation_side = side
+    rows = [
+        build_example(prompt, completion, tokenizer.eos_token_id, max_length)
+        for prompt, completion in zip(prompt_ids, completion_ids, strict=True)
+    ]
+    return Dataset.from_dict({"input_ids": [ids for ids, _ in rows], "loss_mask": [mask for _, mask in rows]})
+
+
+def collate_left_padded(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad rows to the batch's longest: ``input_ids``, ``attention_mask``, ``loss_mask``, each ``[B, T]``."""
+    input_ids, attention_mask = left_pad([example["input_ids"] for example in examples], pad_token_id)
+    loss_mask, _ = left_pad([example["loss_mask"] for example in examples], pad_token_id=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Plain texts or prompt/completion pairs for DP supervised fine-tuning.
+
+    Args:
+        tokenizer: Model source whose tokenizer to use ("tiny", "smollm2", a .gguf path or a local model
+            directory); must be the same source as the model's.
+        source: "imdb" for the bundled IMDb reviews (training on the private SFT set D1 of
+            ``lit_dprl.data.imdb.split_imdb``, validating on its held-out test split), or a path to a local
+            .jsonl/.json/.csv/.parquet file. Hub datasets are not downloaded.
+        text_field: Column with the text to learn; with ``prompt_field`` set, the completion.
+        prompt_field: Column with a prompt (e.g. a TL;DR post) that conditions the text but carries no loss.
+        max_length: Tokens per row (prompt + completion + EOS); longer rows are cut.
+        batch_size: Rows per batch (the expected batch size under DP's Poisson sampling).
+        max_train_examples: Keep only this many (randomly chosen) training rows.
+        max_val_examples: Keep only this many (randomly chosen) validation rows.
+        val_fraction: Share of a local file held out for validation (split by ``user_id`` when that column
+            exists); ignored for "imdb".
+        seed: Seed of the data splits and row subsets. Keep it the same in every stage so that the stages'
+            private sets stay disjoint.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "tiny",
+        source: str = IMDB,
+        text_field: str = "text",
+        prompt_field: str | None = None,
+        max_length: int = 64,
+        batch_size: int = 8,
+        max_train_examples: int | None = None,
+        max_val_examples: int | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a context token and a target), got {max_length}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for name, limit in (
+            ("max_train_examples", max_train_examples),
+            ("max_val_examples", max_val_examples),
+        ):
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be >= 1 or None (all rows), got {limit}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def dataset_size(self) -> int:
+        """Number of training rows (privacy units), known after ``setup``."""
+        if self.train_set is None:
+            raise RuntimeError(
+                "TextDataModule.dataset_size is known only after setup(); call setup('fit') first"
+            )
+        return len(self.train_set)
+
+    def raw_splits(self) -> tuple[Dataset, Dataset]:
+        """Untokenized ``(train, validation)`` rows before the example limits."""
+        source = self.hparams.source
+        if source == IMDB:
+            splits = split_imdb(load_imdb_reviews(), seed=self.hparams.seed)
+            return splits["sft"], splits["test"]
+        try:
+            dataset = load_local_dataset(source)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} Or use source='imdb' for the bundled IMDb reviews.") from err
+        fractions = {"train": 1.0 - self.hparams.val_fraction, "validation": self.hparams.val_fraction}
+        parts = assign_splits(dataset, fractions, seed=self.hparams.seed)
+        return parts["train"], parts["validation"]
+
+    def prepare_split(self, rows: Dataset, name: str, limit: int | None) -> Dataset:
+        """Check columns and size, keep the first ``limit`` rows, tokenize."""
+        where = f"{self.hparams.source} ({name} split)"
+        fields = [self.hparams.text_field]
+        if self.hparams.prompt_field is not None:
+            fields.append(self.hparams.prompt_field)
+        require_columns(rows, fields, where)
+        if limit is not None:
+            rows = rows.select(range(min(limit, len(rows))))
+        if len(rows) < self.hparams.batch_size:
+            problem = "is empty" if len(rows) == 0 else f"has {len(rows)} rows"
+            raise ValueError(
+                f"{where} {problem}, fewer than batch_size={self.hparams.batch_size}: lower batch_size, "
+                "raise the example limit or val_fraction, or add data."
+            )
+        completions = text_column(rows, self.hparams.text_field, where)
+        prompts = None
+        if self.hparams.prompt_field is not None:
+            prompts = text_column(rows, self.hparams.prompt_field, where)
+        return tokenize_examples(self.tokenizer, completions, prompts, self.hparams.max_length)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split and tokenize once (later calls do nothing)."""
+        if self.train_set is not None:
+            return
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        train_rows, val_rows = self.raw_splits()
+        self.val_set = self.prepare_split(val_rows, "validation", self.hparams.max_val_examples)
+        self.train_set = self.prepare_split(train_rows, "training", self.hparams.max_train_examples)
+
+    def collate(self) -> Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]]:
+        """The batch builder ``collate_left_padded`` bound to this tokenizer's pad id (picklable for workers)."""
+        return functools.partial(collate_left_padded, pad_token_id=self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled fixed-size batches; the DP callback rebuilds it with Poisson sampling."""
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            collate_fn=self.collate(),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation rows in a fixed order."""
+        return DataLoader(
+            self.val_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            collate_fn=self.collate(),
+            num_workers=self.hparams.num_workers,
+        )

@@ -1,0 +1,149 @@
+"""Stage 1: supervised fine-tuning of a causal LM on D1 (DP comes from ``lit_dprl.privacy.DPCallback``).
+
+The training loss is the batch mean of per-sequence next-token NLLs, so one row is one privacy unit.
+The module holds no DP code; attach the callback to make it DP-SGD.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
+
+from lit_dprl.losses import causal_lm_sequence_loss
+from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, position_ids_from_mask
+
+
+class SFTModule(L.LightningModule):
+    """Causal-LM fine-tuning on text batches (``input_ids``, ``attention_mask``, ``loss_mask``).
+
+    Logs ``train/loss`` per step, and per validation epoch ``val/loss`` (mean over sequences of the
+    per-sequence mean NLL, the training objective) and ``val/perplexity`` = exp(token-weighted mean NLL
+    over all validation target tokens), both from torchmetrics ``MeanMetric`` (the latter weighted by
+    each row's number of target tokens).
+
+    Args:
+        model: Model source: "tiny", "smollm2", a .gguf path, or a local Hugging Face model directory
+            (e.g. a local GPT-2 directory, as in the paper).
+        use_lora: Train a LoRA adapter only (the paper's setting); False trains every weight.
+        lora_r: LoRA rank (paper: 4).
+        lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+        lora_dropout: Dropout on the LoRA input; keep 0 (dropout is off everywhere in this package).
+        lora_target_modules: Module names to adapt. None lets peft choose: ``c_attn`` on GPT-2, which is
+            the fused query/key/value projection (the paper's query/value-only LoRA would need a split
+            projection), and ``q_proj``/``v_proj`` on Llama-style models such as SmolLM2.
+        learning_rate: AdamW learning rate (paper, DP SFT: 3e-4, constant).
+        weight_decay: AdamW weight decay (paper: 0.01).
+        export_dir: When set, the merged model and tokenizer are written here at the end of ``fit``.
+        seed: Seed of the random parts of the model (the tiny model's weights, LoRA's initial A).
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        use_lora: bool = True,
+        lora_r: int = 4,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | None = None,
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.01,
+        export_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(model)
+        # train mode for every source (from_pretrained returns eval mode); dropout is already off
+        self.model = load_causal_lm(model, self.tokenizer, seed=seed).train()
+        if use_lora:
+            self.model = self.with_lora(self.model)
+        self.val_loss = MeanMetric()
+        self.val_token_nll = MeanMetric()
+
+    def with_lora(self, model: PreTrainedModel) -> torch.nn.Module:
+        """``model`` wrapped with this module's LoRA settings; A is drawn from ``seed`` (global RNG untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.hparams.seed)
+            return add_lora(
+                model,
+                r=self.hparams.lora_r,
+                alpha=self.hparams.lora_alpha,
+                dropout=self.hparams.lora_dropout,
+                target_modules=self.hparams.lora_target_modules,
+            )
+
+    def sequence_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-row mean NLL of the ``loss_mask`` targets, shape ``[B]`` (see ``causal_lm_sequence_loss``)."""
+        attention_mask = batch["attention_mask"]
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        ).logits
+        return causal_lm_sequence_loss(logits, batch["input_ids"], batch["loss_mask"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Mean over the batch of per-sequence losses (one row = one privacy unit)."""
+        loss = self.sequence_losses(batch).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        """Start the epoch's metrics afresh, as tensors of the current grad mode: states reset under
+        ``trainer.validate``'s inference mode could not be updated in place by ``fit``'s validation."""
+        self.val_loss.reset()
+        self.val_token_nll.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate per-sequence losses and token-weighted NLL over the validation epoch."""
+        losses = self.sequence_losses(batch)
+        self.val_loss.update(losses)
+        self.val_token_nll.update(losses, weight=batch["loss_mask"][:, 1:].sum(-1))
+        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=losses.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/perplexity`` = exp(token-weighted mean NLL over the epoch)."""
+        self.log("val/perplexity", torch.exp(self.val_token_nll.compute()))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (the LoRA adapter when ``use_lora``)."""
+        trainable = [parameter for parameter in self.parameters() if parameter.requires_grad]
+        return torch.optim.AdamW(
+            trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+
+    def merged_model(self) -> PreTrainedModel:
+        """A CPU copy of the current weights as a plain ``transformers`` model, LoRA merged into the base.
+
+        The copy is rebuilt from the config and ``state_dict`` (nothing else of the live model, such as hooks
+        or per-sample gradients, is carried over), so training can go on afterwards.
+        """
+        base = self.model.get_base_model() if self.hparams.use_lora else self.model
+        with torch.random.fork_rng(devices=[]):
+            clone = type(base)(base.config)
+            if self.hparams.use_lora:
+                clone = self.with_lora(clone)
+        clone.load_state_dict(self.model.state_dict())
+        if self.hparams.use_lora:
+            clone = clone.merge_and_unload()
+        return clone.eval()
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        """Write the merged model and the tokenizer to ``directory``, loadable by ``AutoModelForCausalLM`` and
+        ``AutoTokenizer.from_pretrained``; returns the directory."""
+        directory = Path(directory)
+        self.merged_model().save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        rank_zero_info(f"SFT model exported to {directory}")
+        return directory
+
+    def on_fit_end(self) -> None:
+        """Export the merged model to ``export_dir`` (global rank zero only) when it is set."""
+        if self.hparams.export_dir is not None and self.trainer.is_global_zero:
+            self.export(self.hparams.export_dir)

@@ -1,0 +1,173 @@
+"""TextDataModule: local files and bundled IMDb, tokenization, left-padded batches, input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
+from lit_dprl.data.text import TextDataModule, build_example, collate_left_padded, tokenize_examples
+from lit_dprl.models import build_tiny_tokenizer
+
+EOS = 99
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def pairs(n):
+    return [
+        {"post": f"post number {i} about a film", "summary": f"summary {i}", "user_id": i % 7}
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "max_length", "expected_ids", "expected_mask"),
+    [
+        ([], [1, 2, 3], 5, [1, 2, 3, EOS], [0, 1, 1, 1]),  # fits: EOS appended; first token is no target
+        ([], [1, 2, 3, 4, 5], 5, [1, 2, 3, 4, 5], [0, 1, 1, 1, 1]),  # fills the window: no EOS
+        ([7, 8], [1, 2], 5, [7, 8, 1, 2, EOS], [0, 0, 1, 1, 1]),
+        ([6, 7, 8], [1, 2], 4, [8, 1, 2, EOS], [0, 1, 1, 1]),  # prompt keeps its last tokens
+        ([7, 8], [1, 2, 3, 4, 5], 4, [8, 1, 2, 3], [0, 1, 1, 1]),  # one prompt token always kept
+    ],
+)
+def test_build_example(prompt, completion, max_length, expected_ids, expected_mask):
+    assert build_example(prompt, completion, EOS, max_length) == (expected_ids, expected_mask)
+
+
+def test_collate_left_pads_and_masks():
+    examples = [{"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}, {"input_ids": [8], "loss_mask": [1]}]
+    batch = collate_left_padded(examples, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["loss_mask"].tolist() == [[0, 1, 1], [0, 0, 1]]
+    assert all(tensor.dtype == torch.long for tensor in batch.values())
+
+
+def test_tokenize_examples_masks_prompt_tokens():
+    tokenizer = build_tiny_tokenizer()
+    rows = tokenize_examples(tokenizer, ["ab"], ["xyz"], max_length=16)
+    eos = tokenizer.eos_token_id
+    assert rows[0]["input_ids"] == [*tokenizer("xyz")["input_ids"], *tokenizer("ab")["input_ids"], eos]
+    assert rows[0]["loss_mask"] == [0, 0, 0, 1, 1, 1]
+    assert tokenizer.truncation_side == "right"  # restored after the left-truncated prompt call
+
+
+def test_local_jsonl_with_prompts(tmp_path):
+    path = write_jsonl(tmp_path / "tldr.jsonl", pairs(40))
+    dm = TextDataModule(source=path, text_field="summary", prompt_field="post", max_length=24, batch_size=4)
+    dm.setup("fit")
+    assert dm.dataset_size == len(dm.train_set) == 34  # one of the 7 users (6 rows) is held out whole
+    assert dm.dataset_size + len(dm.val_set) == 40
+    loader = dm.train_dataloader()
+    assert type(loader) is DataLoader and loader.batch_size == 4 and loader.collate_fn is not None
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape[1] <= 24
+    assert (batch["loss_mask"] <= batch["attention_mask"]).all()
+    first_row_tokens = batch["attention_mask"][0].sum()
+    assert 0 < batch["loss_mask"][0].sum() < first_row_tokens  # prompt tokens carry no loss
+    assert (batch["input_ids"][:, -1] == dm.tokenizer.eos_token_id).all()
+
+
+def test_local_csv_and_parquet_load_the_same_rows(tmp_path):
+    rows = Dataset.from_list([{"text": f"a review {i}"} for i in range(30)])
+    rows.to_csv(tmp_path / "reviews.csv", index=False)
+    rows.to_parquet(tmp_path / "reviews.parquet")
+    texts = []
+    for name in ("reviews.csv", "reviews.parquet"):
+        dm = TextDataModule(source=str(tmp_path / name), batch_size=2, val_fraction=0.2, seed=5)
+        dm.setup("fit")
+        texts.append(dm.train_set["input_ids"])
+    assert texts[0] == texts[1] and len(texts[0]) == 24
+
+
+def test_imdb_source_uses_the_sft_and_test_splits():
+    dm = TextDataModule(source="imdb", max_length=16, batch_size=4, max_train_examples=12, max_val_examples=8)
+    dm.setup("fit")
+    assert (dm.dataset_size, len(dm.val_set)) == (12, 8)
+    splits = split_imdb(load_imdb_reviews(), seed=0)
+    tokenizer = dm.tokenizer
+    expected = tokenizer(splits["sft"]["text"][:12], truncation=True, max_length=16)["input_ids"]
+    assert dm.train_set["input_ids"] == expected
+    expected_val = tokenizer(splits["test"]["text"][:8], truncation=True, max_length=16)["input_ids"]
+    assert dm.val_set["input_ids"] == expected_val
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape == (4, 16)
+    assert (
+        torch.equal(batch["loss_mask"][:, 1:], batch["attention_mask"][:, 1:])
+        and not batch["loss_mask"][:, 0].any()
+    )
+
+
+def test_dataset_size_before_setup_is_an_error():
+    with pytest.raises(RuntimeError, match=r"setup\('fit'\)"):
+        _ = TextDataModule().dataset_size
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"text_field": "body"}, r"has no column 'body'; its columns are \['post', 'summary', 'user_id'\]"),
+        ({"text_field": "summary", "prompt_field": "title"}, "no column 'title'"),
+        ({"text_field": "user_id", "batch_size": 2}, r"column 'user_id' holds \d at row 0, not text"),
+        (
+            {"text_field": "summary", "val_fraction": 0.5, "max_train_examples": 3, "batch_size": 4},
+            r"\(training split\) has 3 rows, fewer than batch_size=4",
+        ),
+        (
+            {"text_field": "summary", "max_val_examples": 2, "batch_size": 3},
+            r"\(validation split\) has 2 rows",
+        ),
+        ({"text_field": "summary", "val_fraction": 0.01}, r"\(validation split\) is empty"),
+    ],
+)
+def test_bad_columns_and_sizes(tmp_path, kwargs, message):
+    dm = TextDataModule(source=write_jsonl(tmp_path / "rows.jsonl", pairs(40)), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "error", "message"),
+    [
+        ("empty.jsonl", b"", ValueError, "is empty"),
+        ("header.csv", b"text\n", ValueError, "holds no rows"),
+        ("list.json", b"[]", ValueError, "holds no rows"),
+        ("latin1.jsonl", b'{"text": "caf\xe9 au lait"}\n', ValueError, r"not valid UTF-8 \(byte 13"),
+        ("latin1.csv", b"text\ncaf\xe9\n", ValueError, "not valid UTF-8"),
+        ("broken.jsonl", b'{"text": \n', ValueError, "could not read rows"),
+        ("rows.txt", b"hello\n", ValueError, "unsupported file type '.txt'"),
+    ],
+)
+def test_bad_files(tmp_path, name, content, error, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(error, match=message):
+        TextDataModule(source=str(tmp_path / name), batch_size=1).setup("fit")
+
+
+def test_hub_names_and_directories_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"Hub datasets are not downloaded.*source='imdb'"):
+        TextDataModule(source="stanfordnlp/imdb").setup("fit")
+    with pytest.raises(ValueError, match="is a directory"):
+        TextDataModule(source=str(tmp_path)).setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_length": 1}, "max_length must be >= 2"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"max_train_examples": 0}, "max_train_examples must be >= 1"),
+        ({"val_fraction": 1.0}, "val_fraction must be in"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TextDataModule(**kwargs)
