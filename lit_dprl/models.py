@@ -194,3 +194,21 @@ def add_lora(
     """
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
     return get_peft_model(model, config)
+
+
+def merged_copy(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    """A CPU copy of ``model``'s current weights as a plain ``transformers`` model, LoRA merged into the base.
+
+    The copy is rebuilt from the config and ``state_dict`` only, so nothing else of the live model (DP
+    hooks, per-example gradients, the trainer) comes along, and training can go on afterwards.
+    """
+    is_peft = isinstance(model, PeftModel)
+    base = model.get_base_model() if is_peft else model
+    with torch.random.fork_rng(devices=[]):
+        clone = type(base)(base.config)
+        if is_peft:
+            clone = get_peft_model(clone, model.peft_config[model.active_adapter])
+    clone.load_state_dict(model.state_dict())
+    if is_peft:
+        clone = clone.merge_and_unload()
+    return clone.eval()

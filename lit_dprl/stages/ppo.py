@@ -30,7 +30,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_dprl.losses import token_logprobs
-from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, position_ids_from_mask
+from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, merged_copy, position_ids_from_mask
 from lit_dprl.rewards import (
     RewardFunction,
     SequenceClassifierReward,
@@ -486,12 +486,9 @@ class PPOModule(L.LightningModule):
     def export(self, directory: str | Path) -> Path:
         """Write the policy (adapter merged) and tokenizer as a plain ``transformers`` directory."""
         directory = Path(directory)
-        policy = copy.deepcopy(self.policy).cpu()
-        if self.hparams.use_lora:
-            policy = policy.merge_and_unload()
-        policy.save_pretrained(directory)
+        merged_copy(self.policy).save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        torch.save(self.value_head.state_dict(), directory / "value_head.pt")
+        torch.save({k: v.cpu() for k, v in self.value_head.state_dict().items()}, directory / "value_head.pt")
         return directory
 
     def on_fit_end(self) -> None:

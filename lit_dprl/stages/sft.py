@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lit_dprl.losses import causal_lm_sequence_loss
-from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, position_ids_from_mask
+from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, merged_copy, position_ids_from_mask
 
 
 class SFTModule(L.LightningModule):
@@ -119,20 +119,8 @@ class SFTModule(L.LightningModule):
         )
 
     def merged_model(self) -> PreTrainedModel:
-        """A CPU copy of the current weights as a plain ``transformers`` model, LoRA merged into the base.
-
-        The copy is rebuilt from the config and ``state_dict`` (nothing else of the live model, such as hooks
-        or per-sample gradients, is carried over), so training can go on afterwards.
-        """
-        base = self.model.get_base_model() if self.hparams.use_lora else self.model
-        with torch.random.fork_rng(devices=[]):
-            clone = type(base)(base.config)
-            if self.hparams.use_lora:
-                clone = self.with_lora(clone)
-        clone.load_state_dict(self.model.state_dict())
-        if self.hparams.use_lora:
-            clone = clone.merge_and_unload()
-        return clone.eval()
+        """A CPU copy of the current weights as a plain ``transformers`` model, LoRA merged (see ``merged_copy``)."""
+        return merged_copy(self.model)
 
     def export(self, directory: str | os.PathLike) -> Path:
         """Write the merged model and the tokenizer to ``directory``, loadable by ``AutoModelForCausalLM`` and
