@@ -57,7 +57,6 @@ from lit_dprl.privacy.accounting import (
 from lit_dprl.privacy.optimizers import make_dp_optimizer
 from lit_dprl.privacy.sampling import EmptyBatch, PoissonBatchSampler, PoissonDataLoader, derive_seed
 
-
 # Opacus's hooks make torch warn on every backward when the inputs need no grad (frozen embeddings, LoRA);
 # the per-example gradients are right all the same (see the tests), so the message is only noise.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
