@@ -311,3 +311,19 @@ def test_refuses_a_budget_that_allows_no_step(tmp_path):
     trainer = make_trainer(tmp_path, [DPCallback(noise_multiplier=0.3, max_epsilon=0.01)])
     with pytest.raises(DPConfigurationError, match="allows no further step"):
         trainer.fit(ToyClassifier())
+
+
+def test_physical_batches_give_the_same_step_as_the_whole_batch(tmp_path):
+    torch.manual_seed(0)
+    whole = ToyClassifier(n=200, batch_size=20)
+    chunked = copy.deepcopy(whole)
+    cb_whole = DPCallback(noise_multiplier=0.0, max_grad_norm=0.05, sampling_seed=4, noise_seed=0)
+    make_trainer(tmp_path, [cb_whole], max_steps=6).fit(whole)
+    cb_chunked = DPCallback(
+        noise_multiplier=0.0, max_grad_norm=0.05, sampling_seed=4, noise_seed=0, max_physical_batch_size=3
+    )
+    make_trainer(tmp_path, [cb_chunked], max_steps=6).fit(chunked)
+    assert max(chunked.batch_sizes) <= 3 < max(whole.batch_sizes)
+    torch.testing.assert_close(flat_params(chunked), flat_params(whole), rtol=1e-5, atol=1e-7)
+    assert cb_chunked.steps == cb_whole.steps == 6
+    assert cb_chunked._dp_optimizers[0].noisy_steps == 6  # noise is added once per sampled batch

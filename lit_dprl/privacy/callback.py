@@ -38,6 +38,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import opacus
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -66,6 +67,12 @@ class DPConfigurationError(ValueError):
     """A configuration that would silently break the differential-privacy guarantee."""
 
 
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    apply_to_collection(batch, torch.Tensor, found.append)
+    return found
+
+
 def _secret_seed() -> int:
     return secrets.randbits(62)
 
@@ -88,6 +95,10 @@ class DPCallback(Callback):
             assumes the sampling and noise randomness is secret: fix seeds only for reproducible tests.
         noise_seed: fixed seed for the Gaussian noise (default: a secret random seed).
         report_name: file written into the run's log dir at the end of fit.
+        max_physical_batch_size: split each sampled batch into chunks of at most this many examples
+            (automatic optimization): per-example gradients of all chunks are clipped and summed, and the
+            noise is added once, so the step is the same as on the whole batch, in less memory. This is
+            the DP replacement for ``accumulate_grad_batches``.
     """
 
     def __init__(
@@ -102,6 +113,7 @@ class DPCallback(Callback):
         sampling_seed: int | None = None,
         noise_seed: int | None = None,
         report_name: str = "privacy.json",
+        max_physical_batch_size: int | None = None,
     ) -> None:
         if (target_epsilon is None) == (noise_multiplier is None):
             raise DPConfigurationError("give exactly one of target_epsilon and noise_multiplier")
@@ -111,6 +123,8 @@ class DPCallback(Callback):
             raise DPConfigurationError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if max_grad_norm <= 0:
             raise DPConfigurationError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise DPConfigurationError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
         if target_delta is not None and not 0 < target_delta < 1:
             raise DPConfigurationError(f"target_delta must be in (0, 1), got {target_delta}")
         make_accountant(accountant)  # validates the name
@@ -123,6 +137,7 @@ class DPCallback(Callback):
         self.sampling_seed = sampling_seed
         self.noise_seed = noise_seed
         self.report_name = report_name
+        self.max_physical_batch_size = max_physical_batch_size
 
         self._noise_multiplier = noise_multiplier
         self._accountant = make_accountant(accountant)
@@ -198,7 +213,8 @@ class DPCallback(Callback):
             raise DPConfigurationError(
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches} is refused under DP: accumulating "
                 "Poisson batches changes the sampling the accountant assumes. Set accumulate_grad_batches=1 and "
-                "raise the DataModule's batch_size instead (the Poisson rate is q = batch_size / N)."
+                "raise the DataModule's batch_size instead (the Poisson rate is q = batch_size / N); if memory is "
+                "the limit, set DPCallback(max_physical_batch_size=...)."
             )
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise DPConfigurationError(
@@ -297,10 +313,37 @@ class DPCallback(Callback):
                 if not pl_module.automatic_optimization:
                     self._noise_only_manual_steps(pl_module)
                 return None  # automatic optimization: the DP optimizer still takes a noise-only step
+            if self.max_physical_batch_size and pl_module.automatic_optimization:
+                batch = self._accumulate_leading_chunks(batch, original, args, kwargs)
             return original(batch, *args, **kwargs)
 
         pl_module.training_step = training_step
         self._unpatch.append(lambda: delattr(pl_module, "training_step"))
+
+    def _accumulate_leading_chunks(
+        self, batch: Any, training_step: Callable, args: tuple, kwargs: dict
+    ) -> Any:
+        """Run all but the last chunk of ``batch`` here, clipping and summing their per-example gradients into
+        the DP optimizer (a skipped step); return the last chunk for Lightning's usual step, which adds noise."""
+        sizes = {len(t) for t in _tensors(batch)}
+        if len(sizes) != 1:
+            raise DPConfigurationError(
+                "max_physical_batch_size needs a batch of tensors sharing their first dimension"
+            )
+        size = sizes.pop()
+        starts = list(range(0, size, self.max_physical_batch_size))
+        (optimizer,) = self._dp_optimizers
+        optimizer.zero_grad()  # Lightning zeroes only after training_step; the chunks below come first
+        for start in starts[:-1]:
+            chunk = apply_to_collection(
+                batch, torch.Tensor, lambda t, s=start: t[s : s + self.max_physical_batch_size]
+            )
+            loss = training_step(chunk, *args, **kwargs)
+            (loss["loss"] if isinstance(loss, dict) else loss).backward()
+            optimizer.signal_skip_step(do_skip=True)
+            optimizer.step()
+            optimizer.zero_grad()
+        return apply_to_collection(batch, torch.Tensor, lambda t: t[starts[-1] :])
 
     def _noise_only_manual_steps(self, pl_module: pl.LightningModule) -> None:
         optimizers = pl_module.optimizers()
@@ -382,6 +425,11 @@ class DPCallback(Callback):
                 "them as Poisson samples at q = batch/N, an approximation the guarantee does not cover exactly."
             )
         epochs, minibatches = self._batch_reuse(pl_module)
+        if self.max_physical_batch_size and not pl_module.automatic_optimization:
+            raise DPConfigurationError(
+                "max_physical_batch_size works with automatic optimization; a manual-optimization module takes its "
+                "own steps (PPO: use more num_mini_batches or a smaller batch)"
+            )
         optimizers = trainer.strategy.optimizers
         if not optimizers:
             raise DPConfigurationError("the module configures no optimizer; DP needs one to add noise")
