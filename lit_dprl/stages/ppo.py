@@ -29,8 +29,9 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from lit_dprl.generation import join_prompts_and_responses, response_logits, sample_responses
 from lit_dprl.losses import token_logprobs
-from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, merged_copy, position_ids_from_mask
+from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, merged_copy
 from lit_dprl.rewards import (
     RewardFunction,
     SequenceClassifierReward,
@@ -47,8 +48,6 @@ from lit_dprl.rl import (
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
-    response_mask,
-    truncate_after_eos,
 )
 
 
@@ -270,61 +269,51 @@ class PPOModule(L.LightningModule):
         attention_mask: torch.Tensor,
         context_length: int,
         reference: bool = False,
-    ):
-        """Temperature-scaled logits for the response positions ``[B, T, V]`` and values ``[B, T]``."""
-        kwargs = dict(
-            input_ids=query_responses,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            output_hidden_states=not reference,
-        )
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Temperature-scaled logits for the response positions ``[B, T, V]`` and values ``[B, T]`` (None for
+        the reference)."""
+        temperature = self.hparams.temperature
         if reference and self.reference is not None:
-            out = self.reference(**kwargs)
-        elif reference:
-            with self.policy.disable_adapter():
-                out = self.policy(**kwargs)
-        else:
-            out = self.policy(**kwargs)
-        logits = out.logits[:, context_length - 1 : -1] / self.hparams.temperature
-        if reference:
+            logits, _ = response_logits(
+                self.reference, query_responses, attention_mask, context_length, temperature
+            )
             return logits, None
+        if reference:
+            with self.policy.disable_adapter():
+                logits, _ = response_logits(
+                    self.policy, query_responses, attention_mask, context_length, temperature
+                )
+            return logits, None
+        logits, out = response_logits(
+            self.policy,
+            query_responses,
+            attention_mask,
+            context_length,
+            temperature,
+            output_hidden_states=True,
+        )
         values = self.value_head(out.hidden_states[-1][:, context_length - 1 : -1]).squeeze(-1)
         return logits, values
 
-    @torch.no_grad()
-    def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float | None = None
-    ) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sampled response tokens ``[B, T]`` (T <= max_new_tokens); the pad token is never sampled."""
         hp = self.hparams
-        output = self.policy.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=temperature or hp.temperature,
-            min_new_tokens=hp.min_new_tokens,
-            max_new_tokens=hp.max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            suppress_tokens=[self.tokenizer.pad_token_id],
-        )
-        return output[:, input_ids.shape[1] :]
+        return sample_responses(
+            self.policy, self.tokenizer, input_ids, attention_mask,
+            temperature=hp.temperature, min_new_tokens=hp.min_new_tokens, max_new_tokens=hp.max_new_tokens,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
     def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
         """Generate, score and compute advantages for one batch of prompts (no gradients)."""
         hp = self.hparams
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         queries, query_mask = batch["input_ids"], batch["attention_mask"]
         context_length = queries.shape[1]
         raw = self.generate(queries, query_mask)
-        responses, contains_eos = truncate_after_eos(raw, eos, pad)
-        mask = response_mask(raw, eos)
-        query_responses = torch.cat([queries, responses], dim=1)
-        attention_mask = torch.cat([query_mask, mask.long()], dim=1)
+        query_responses, attention_mask, responses, mask, contains_eos = join_prompts_and_responses(
+            queries, query_mask, raw, self.tokenizer
+        )
         logits, values = self._forward(query_responses, attention_mask, context_length)
         logprobs = token_logprobs(logits, responses)
         ref_logits, _ = self._forward(query_responses, attention_mask, context_length, reference=True)
@@ -427,14 +416,10 @@ class PPOModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        rollout_mask = batch["attention_mask"]
-        responses_raw = self.generate(batch["input_ids"], rollout_mask)
-        responses, _ = truncate_after_eos(
-            responses_raw, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        raw = self.generate(batch["input_ids"], batch["attention_mask"])
+        query_responses, attention_mask, responses, mask, _ = join_prompts_and_responses(
+            batch["input_ids"], batch["attention_mask"], raw, self.tokenizer
         )
-        mask = response_mask(responses_raw, self.tokenizer.eos_token_id)
-        query_responses = torch.cat([batch["input_ids"], responses], dim=1)
-        attention_mask = torch.cat([rollout_mask, mask.long()], dim=1)
         context = batch["input_ids"].shape[1]
         logits, _ = self._forward(query_responses, attention_mask, context)
         ref_logits, _ = self._forward(query_responses, attention_mask, context, reference=True)
