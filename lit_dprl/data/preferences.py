@@ -1,0 +1,421 @@
+"""Pairwise preference data for the reward model (stage 2): loading, checking, encoding, batching.
+
+One record is one preference pair ``(prompt, chosen, rejected)`` and is one privacy unit. Two file
+layouts are read (JSONL / JSON / CSV / parquet, through ``datasets``):
+
+- the plain layout: fields ``prompt``, ``chosen``, ``rejected`` and optionally ``user_id``;
+- OpenAI ``summarize_from_feedback`` comparisons: ``info`` (a dict with ``post``, ``title``,
+  ``subreddit``), ``summaries`` (a list of two dicts with ``text``) and ``choice`` (0 or 1, the index of
+  the preferred summary); see :func:`summarize_from_feedback_to_pair`.
+
+Files are read by ``lit_dprl.data.files.load_local_dataset`` (local files only, UTF-8 checked). A
+sequence is ``prompt tokens + response tokens``, each text tokenized on its own without special
+tokens, cut to ``max_length`` by :func:`truncate_prompt_response` and padded on the LEFT, so the reward
+is read at the last position.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import datasets
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from lit_dprl.data.files import load_local_dataset
+from lit_dprl.data.padding import left_pad
+from lit_dprl.models import load_tokenizer
+
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+SUMMARIZE_FROM_FEEDBACK_FIELDS = ("info", "summaries", "choice")
+MAX_LISTED_LINES = 20
+
+
+class PreferenceDataError(ValueError):
+    """A preference file that cannot be used as it is."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Naming records in error messages
+# ---------------------------------------------------------------------------------------------------
+
+
+def record_location(path: Path, index: int) -> str:
+    """Where record ``index`` (0-based) is: its line in a JSONL/CSV file (one line per row), else its number."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return f"line {index + 1}"
+    if suffix == ".csv":
+        return f"line {index + 2}"  # line 1 is the header
+    return f"record {index + 1}"
+
+
+def _listed(locations: list[str]) -> str:
+    shown = ", ".join(locations[:MAX_LISTED_LINES])
+    more = len(locations) - MAX_LISTED_LINES
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formats
+# ---------------------------------------------------------------------------------------------------
+
+
+def summarize_from_feedback_prompt(info: dict) -> str:
+    """The TL;DR query of the N+ recipe for one ``info`` dict.
+
+    Reddit posts: ``"SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:"``;
+    news items (CNN/DM rows have ``article`` instead of ``post``): ``"{article}\\n\\nTL;DR:"``.
+    """
+    if info.get("post"):
+        return (
+            f"SUBREDDIT: r/{info.get('subreddit') or ''}\n\nTITLE: {(info.get('title') or '').strip()}\n\n"
+            f"POST: {info['post'].strip()}\n\nTL;DR:"
+        )
+    if info.get("article"):
+        return f"{info['article'].strip()}\n\nTL;DR:"
+    raise PreferenceDataError(f"comparison info has neither 'post' nor 'article' (keys: {sorted(info)})")
+
+
+def summarize_from_feedback_to_pair(row: dict) -> dict:
+    """Convert one OpenAI ``summarize_from_feedback`` comparison into ``{prompt, chosen, rejected, user_id}``.
+
+    ``chosen = " " + summaries[choice].text.strip()``, ``rejected = " " + summaries[1 - choice].text.strip()``
+    (one space after "TL;DR:", as in the N+ recipe); ``user_id`` is the labeller (``worker``) when present.
+    """
+    summaries, choice = row["summaries"], row["choice"]
+    if not isinstance(summaries, list) or len(summaries) != 2:
+        raise PreferenceDataError(f"'summaries' must be a list of two summaries, got {summaries!r}")
+    if choice not in (0, 1):
+        raise PreferenceDataError(f"'choice' must be 0 or 1 (the preferred summary), got {choice!r}")
+    return {
+        "prompt": summarize_from_feedback_prompt(row["info"]),
+        "chosen": " " + summaries[choice]["text"].strip(),
+        "rejected": " " + summaries[1 - choice]["text"].strip(),
+        "user_id": row.get("worker"),
+    }
+
+
+def preference_rows(records: datasets.Dataset, path: Path) -> list[dict]:
+    """Records in either supported layout as ``{prompt, chosen, rejected, user_id}`` dicts (user_id may be None)."""
+    fields = set(records.column_names)
+    if set(PREFERENCE_FIELDS) <= fields:
+        has_user = "user_id" in fields
+        return [
+            {
+                **{name: row[name] for name in PREFERENCE_FIELDS},
+                "user_id": row["user_id"] if has_user else None,
+            }
+            for row in records
+        ]
+    if set(SUMMARIZE_FROM_FEEDBACK_FIELDS) <= fields:
+        rows = []
+        for index, row in enumerate(records):
+            try:
+                rows.append(summarize_from_feedback_to_pair(row))
+            except PreferenceDataError as err:
+                raise PreferenceDataError(f"{path}, {record_location(path, index)}: {err}") from None
+        return rows
+    missing = [name for name in PREFERENCE_FIELDS if name not in fields]
+    raise PreferenceDataError(
+        f"{path} lacks the field(s) {missing}; fields present: {sorted(fields)}. Expected 'prompt', 'chosen', "
+        "'rejected' (optional 'user_id'), or the summarize_from_feedback comparison layout "
+        "('info', 'summaries', 'choice')."
+    )
+
+
+def check_preference_rows(rows: Sequence[dict], path: Path) -> None:
+    """Refuse non-text or empty fields and pairs whose chosen text equals the rejected text."""
+    not_text = [
+        record_location(path, i)
+        for i, row in enumerate(rows)
+        if not all(isinstance(row[name], str) for name in PREFERENCE_FIELDS)
+    ]
+    if not_text:
+        raise PreferenceDataError(
+            f"{path}: {len(not_text)} row(s) have a missing or non-text prompt/chosen/rejected: {_listed(not_text)}."
+        )
+    empty = [
+        record_location(path, i) for i, row in enumerate(rows) if not (row["chosen"] and row["rejected"])
+    ]
+    if empty:
+        raise PreferenceDataError(
+            f"{path}: {len(empty)} row(s) have an empty chosen or rejected response: {_listed(empty)}."
+        )
+    ties = [record_location(path, i) for i, row in enumerate(rows) if row["chosen"] == row["rejected"]]
+    if ties:
+        raise PreferenceDataError(
+            f"{path}: {len(ties)} row(s) have chosen identical to rejected, which carries no preference: "
+            f"{_listed(ties)}. Remove these rows."
+        )
+
+
+def read_preference_file(path: str | Path) -> list[dict]:
+    """Load, convert and check a preference file; returns ``{prompt, chosen, rejected, user_id}`` dicts."""
+    path = Path(path).expanduser()
+    rows = preference_rows(load_local_dataset(path), path)
+    check_preference_rows(rows, path)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building pairs from labelled text
+# ---------------------------------------------------------------------------------------------------
+
+
+def pairs_from_labelled_texts(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    prompt_words: int,
+    seed: int,
+    response_words: int | None = None,
+) -> list[dict]:
+    """Preference pairs from human-labelled texts (label 1 = positive, 0 = negative), e.g. IMDb reviews.
+
+    How a pair is built (the human label decides the preference: positive beats negative):
+
+    1. Words are whitespace-separated tokens. Texts with at most ``prompt_words`` words are dropped
+       (they have no continuation).
+    2. Positive and negative texts are shuffled separately with ``random.Random(seed)`` and matched
+       in order: pair ``i`` = (``i``-th positive, ``i``-th negative); there are ``min(#pos, #neg)`` pairs.
+    3. A seeded coin picks whose opening is the prompt: ``prompt`` = the first ``prompt_words`` words of
+       the positive or of the negative text (each half of the time, so that "the response continues
+       the prompt's own text" does not give the answer away).
+    4. ``chosen`` = ``" "`` + the positive text's words ``[prompt_words : prompt_words + response_words]``,
+       ``rejected`` = the same span of the negative text (``response_words=None``: to the end).
+    """
+    if prompt_words < 1:
+        raise ValueError(f"prompt_words must be >= 1, got {prompt_words}")
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    rng = random.Random(seed)
+    words = [text.split() for text in texts]
+    positives = [w for w, label in zip(words, labels, strict=True) if label == 1 and len(w) > prompt_words]
+    negatives = [w for w, label in zip(words, labels, strict=True) if label == 0 and len(w) > prompt_words]
+    rng.shuffle(positives)
+    rng.shuffle(negatives)
+    end = None if response_words is None else prompt_words + response_words
+    pairs = []
+    for positive, negative in zip(positives, negatives, strict=False):
+        opening = positive if rng.random() < 0.5 else negative
+        pairs.append(
+            {
+                "prompt": " ".join(opening[:prompt_words]),
+                "chosen": " " + " ".join(positive[prompt_words:end]),
+                "rejected": " " + " ".join(negative[prompt_words:end]),
+            }
+        )
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding and batching
+# ---------------------------------------------------------------------------------------------------
+
+
+class Truncated(NamedTuple):
+    """One encoded ``prompt + response`` and which of its parts lost tokens."""
+
+    input_ids: list[int]
+    prompt_truncated: bool
+    response_truncated: bool
+
+
+def truncate_prompt_response(prompt_ids: list[int], response_ids: list[int], max_length: int) -> Truncated:
+    """``prompt_ids + response_ids`` cut to at most ``max_length`` tokens.
+
+    The prompt loses tokens from its LEFT (its end, next to the response, is kept); the response is
+    cut (from the right, to ``max_length`` tokens, dropping the whole prompt) only if it alone is
+    longer than ``max_length``.
+    """
+    if len(response_ids) > max_length:
+        return Truncated(response_ids[:max_length], bool(prompt_ids), True)
+    room = max_length - len(response_ids)
+    kept_prompt = prompt_ids[len(prompt_ids) - room :] if room > 0 else []
+    return Truncated(kept_prompt + response_ids, len(kept_prompt) < len(prompt_ids), False)
+
+
+def encode_prompt_responses(
+    tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int
+) -> list[Truncated]:
+    """Tokenize prompts and responses separately (no special tokens) and truncate each concatenation."""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    return [truncate_prompt_response(p, r, max_length) for p, r in zip(prompt_ids, response_ids, strict=True)]
+
+
+def collate_preference_batch(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Batch pairs as left-padded ``chosen_input_ids/chosen_attention_mask/rejected_input_ids/rejected_attention_mask``."""
+    chosen_ids, chosen_mask = left_pad([row["chosen_input_ids"] for row in rows], pad_token_id)
+    rejected_ids, rejected_mask = left_pad([row["rejected_input_ids"] for row in rows], pad_token_id)
+    return {
+        "chosen_input_ids": chosen_ids,
+        "chosen_attention_mask": chosen_mask,
+        "rejected_input_ids": rejected_ids,
+        "rejected_attention_mask": rejected_mask,
+    }
+
+
+class PreferenceDataset(Dataset):
+    """Encoded pairs; item ``i`` is ``{"chosen_input_ids": [...], "rejected_input_ids": [...]}``."""
+
+    def __init__(
+        self, chosen_ids: list[list[int]], rejected_ids: list[list[int]], user_ids: list | None = None
+    ) -> None:
+        self.chosen_ids = chosen_ids
+        self.rejected_ids = rejected_ids
+        self.user_ids = user_ids
+
+    def __len__(self) -> int:
+        return len(self.chosen_ids)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return {"chosen_input_ids": self.chosen_ids[index], "rejected_input_ids": self.rejected_ids[index]}
+
+
+class TruncationCount(NamedTuple):
+    """Sequences encoded, sequences longer than ``max_length``, and those whose response alone was longer."""
+
+    sequences: int
+    truncated: int
+    response_truncated: int
+
+
+def encode_pairs(
+    tokenizer, rows: Sequence[dict], max_length: int
+) -> tuple[PreferenceDataset, TruncationCount]:
+    """Encode ``prompt + chosen`` and ``prompt + rejected`` of every row; count the truncations."""
+    prompts = [row["prompt"] for row in rows]
+    chosen = encode_prompt_responses(tokenizer, prompts, [row["chosen"] for row in rows], max_length)
+    rejected = encode_prompt_responses(tokenizer, prompts, [row["rejected"] for row in rows], max_length)
+    encoded = chosen + rejected
+    count = TruncationCount(
+        sequences=len(encoded),
+        truncated=sum(e.prompt_truncated or e.response_truncated for e in encoded),
+        response_truncated=sum(e.response_truncated for e in encoded),
+    )
+    user_ids = [row["user_id"] for row in rows]
+    dataset = PreferenceDataset(
+        [e.input_ids for e in chosen],
+        [e.input_ids for e in rejected],
+        user_ids if any(u is not None for u in user_ids) else None,
+    )
+    return dataset, count
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs from local files, tokenized for the reward model and batched with left padding.
+
+    Args:
+        train_file: Local .jsonl/.json/.csv/.parquet file with ``prompt``, ``chosen``, ``rejected``
+            (optional ``user_id``), or OpenAI summarize_from_feedback comparisons. Nothing is downloaded.
+        tokenizer: Model source whose tokenizer is used (``lit_dprl.models.load_tokenizer``); must match
+            the reward model's source.
+        val_file: Local validation file in the same layouts; if None, a seeded ``val_fraction`` of
+            ``train_file`` is held out.
+        val_fraction: Fraction of ``train_file`` held out for validation when ``val_file`` is None.
+        max_length: Longest sequence (prompt + response) in tokens; longer prompts lose tokens from the
+            left, a response alone longer than this is cut. At most the model's context length.
+        batch_size: Pairs per training batch (the expected batch size under Poisson sampling).
+        val_batch_size: Pairs per validation batch; None uses ``batch_size``.
+        seed: Seed of the train/validation split.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        tokenizer: str = "tiny",
+        val_file: str | None = None,
+        val_fraction: float = 0.1,
+        max_length: int = 256,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if val_file is None and not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1) when no val_file is given, got {val_fraction}")
+        if max_length < 1 or batch_size < 1:
+            raise ValueError(f"max_length and batch_size must be >= 1, got {max_length} and {batch_size}")
+        self.save_hyperparameters()
+        self.train_file = train_file
+        self.tokenizer_source = tokenizer
+        self.val_file = val_file
+        self.val_fraction = val_fraction
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer = None
+        self.train_dataset: PreferenceDataset | None = None
+        self.val_dataset: PreferenceDataset | None = None
+        self.truncations: TruncationCount | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, check, split and encode the files (once)."""
+        if self.train_dataset is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_source)
+        train_rows = read_preference_file(self.train_file)
+        if self.val_file is not None:
+            val_rows = read_preference_file(self.val_file)
+        else:
+            order = list(range(len(train_rows)))
+            random.Random(self.seed).shuffle(order)
+            n_val = max(1, round(self.val_fraction * len(train_rows)))
+            if n_val >= len(train_rows):
+                raise PreferenceDataError(
+                    f"{self.train_file} has {len(train_rows)} pair(s): too few to hold out a validation split."
+                )
+            val_rows = [train_rows[i] for i in order[:n_val]]
+            train_rows = [train_rows[i] for i in order[n_val:]]
+        if len(train_rows) < self.batch_size:
+            raise PreferenceDataError(
+                f"the training split has {len(train_rows)} pairs, fewer than batch_size={self.batch_size}; "
+                "lower batch_size or provide more pairs."
+            )
+        self.train_dataset, train_count = encode_pairs(self.tokenizer, train_rows, self.max_length)
+        self.val_dataset, val_count = encode_pairs(self.tokenizer, val_rows, self.max_length)
+        self.truncations = TruncationCount(*(a + b for a, b in zip(train_count, val_count, strict=True)))
+        if self.truncations.truncated:
+            rank_zero_warn(
+                f"{self.truncations.truncated} of {self.truncations.sequences} sequences (prompt + response) "
+                f"were longer than max_length={self.max_length} tokens: their prompts were truncated from the "
+                f"left; in {self.truncations.response_truncated} of them the response alone was longer and was cut."
+            )
+
+    @property
+    def dataset_size(self) -> int:
+        """Number of training pairs (loads the data on first use)."""
+        self.setup("fit")
+        return len(self.train_dataset)
+
+    def _collate(self):
+        return functools.partial(collate_preference_batch, pad_token_id=self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,
+        )
