@@ -189,24 +189,25 @@ def test_batch_statistics_are_refused_under_dp_and_allowed_without(prompt_file, 
     make_trainer(tmp_path, max_steps=2).fit(make_module(**setting), make_data(prompt_file))
 
 
-def test_reward_model_without_privacy_report_is_refused_under_dp(tmp_path, prompt_file):
-    from transformers import GPT2ForSequenceClassification
+def test_dp_ppo_with_a_dp_reward_model_from_stage_2(tmp_path, prompt_file):
+    from lit_dprl.cli import main
 
-    from lit_dprl.models import build_tiny_gpt2, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    config = build_tiny_gpt2(tokenizer).config
-    config.num_labels = 1
-    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
-    module = make_module(reward_function=None, reward_model=str(tmp_path / "rm"))
-    assert "privacy.json" in module.privacy_hazards()[0]
-    assert (
-        make_module(
-            reward_function=None, reward_model=str(tmp_path / "rm"), reward_model_is_public=True
-        ).privacy_hazards()
-        == []
-    )
+    rm_dir = tmp_path / "rm"
+    main(["fit", "--config", "configs/tiny/reward.yaml", "--trainer.max_steps=2",
+          f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.init_args.export_dir={rm_dir}"])  # fmt: skip
+    assert (rm_dir / "privacy.json").is_file()
+    cb = DPCallback(noise_multiplier=1.0, sampling_seed=0, noise_seed=0)
+    module = make_module(reward_function=None, reward_model=str(rm_dir))
+    make_trainer(tmp_path, [cb], max_steps=2).fit(module, make_data(prompt_file))
+    assert cb.steps == 2
+    # the same directory without its privacy report is refused under DP unless declared public
+    (rm_dir / "privacy.json").unlink()
+    with pytest.raises(DPConfigurationError, match=r"privacy\.json"):
+        make_trainer(tmp_path, [DPCallback(noise_multiplier=1.0)], max_steps=1).fit(
+            make_module(reward_function=None, reward_model=str(rm_dir)), make_data(prompt_file)
+        )
+    public = make_module(reward_function=None, reward_model=str(rm_dir), reward_model_is_public=True)
+    assert public.privacy_hazards() == []
 
 
 def test_exactly_one_reward_source():
