@@ -25,6 +25,6 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 demo: $(VENV)/.installed
-	$(PY) train.py fit --config configs/demo/sft.yaml
+	$(PY) pipeline.py --config configs/pipeline/imdb_demo.yaml
 
 .PHONY: venv test demo

@@ -14,7 +14,8 @@ import yaml
 from lit_dprl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(c for c in (ROOT / "configs").rglob("*.yaml") if c.parent.name != "pipeline")
+PIPELINES = sorted((ROOT / "configs" / "pipeline").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])
@@ -28,7 +29,9 @@ def test_config_is_valid(config, capsys):
     data_args = resolved["data"]["init_args"]
     if "tokenizer" in data_args and "model" in model_args:
         assert data_args["tokenizer"] == model_args["model"], "data.tokenizer must be the model's source"
-    if "PPOModule" not in resolved["model"]["class_path"] or "dp" in config.stem:
+    model_class = resolved["model"]["class_path"]
+    public_stage = model_class.endswith("ClassifierModule")  # the public reward: trained on public data only
+    if not public_stage:
         assert any(cb["class_path"].endswith("DPCallback") for cb in callbacks), "every private stage uses DP"
 
 
@@ -68,5 +71,18 @@ def test_tiny_sft_runs_under_ddp_on_two_cpu_processes(tmp_path):
 def test_tiny_ppo_runs_through_the_cli(tmp_path):
     main(["fit", "--config", str(ROOT / "configs/tiny/ppo.yaml"), *tiny_overrides(tmp_path, "ppo")])
     report = json.loads((tmp_path / "ppo" / "model" / "privacy.json").read_text())
-    assert report["steps"] == 4 and 0 < report["epsilon"]
+    assert report["steps"] == 4 and report["epsilon"] > 0
     assert (tmp_path / "ppo" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("config", PIPELINES, ids=[c.name for c in PIPELINES])
+def test_pipeline_config_is_valid(config):
+    from lit_dprl.pipeline import parser
+
+    cfg = parser().instantiate_classes(parser().parse_args(["--config", str(config)]))
+    names = [stage.name for stage in cfg.stages]
+    for position, stage in enumerate(cfg.stages):
+        assert (ROOT / stage.config).is_file(), stage.config
+        assert set(stage.inputs.values()) <= set(names[:position]), "inputs must come from earlier stages"
+    if cfg.evaluation is not None:
+        assert cfg.evaluation.policy in names

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import lightning as L
 import torch
@@ -19,6 +20,7 @@ from lit_dprl.data.files import load_local_dataset, require_columns, text_column
 from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
 from lit_dprl.data.padding import left_pad
 from lit_dprl.data.splits import assign_splits
+from lit_dprl.data.tldr import COMPLETION_COLUMN, PROMPT_COLUMN, tldr_sft_dataset
 from lit_dprl.models import load_tokenizer
 
 IMDB = "imdb"
@@ -88,6 +90,10 @@ class TextDataModule(L.LightningDataModule):
         source: "imdb" for the bundled IMDb reviews (training on the private SFT set D1 of
             ``lit_dprl.data.imdb.split_imdb``, validating on its held-out test split), or a path to a local
             .jsonl/.json/.csv/.parquet file. Hub datasets are not downloaded.
+        format: "plain": rows are read through ``text_field`` / ``prompt_field``. "tldr": a local file of
+            Reddit TL;DR posts with reference summaries, in OpenAI's layout (``subreddit``, ``title``,
+            ``post``, ``summary``) or CarperAI's (``prompt``, ``label``); prompt = the TL;DR query,
+            completion = " " + summary (see ``lit_dprl.data.tldr``); the field arguments are then unused.
         text_field: Column with the text to learn; with ``prompt_field`` set, the completion.
         prompt_field: Column with a prompt (e.g. a TL;DR post) that conditions the text but carries no loss.
         max_length: Tokens per row (prompt + completion + EOS); longer rows are cut.
@@ -105,6 +111,7 @@ class TextDataModule(L.LightningDataModule):
         self,
         tokenizer: str = "tiny",
         source: str = IMDB,
+        format: Literal["plain", "tldr"] = "plain",
         text_field: str = "text",
         prompt_field: str | None = None,
         max_length: int = 64,
@@ -128,6 +135,8 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= 1 or None (all rows), got {limit}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if format == "tldr" and source == IMDB:
+            raise ValueError("format='tldr' reads a local TL;DR file; pass its path as source (not 'imdb')")
         self.save_hyperparameters()
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_set: Dataset | None = None
@@ -152,17 +161,23 @@ class TextDataModule(L.LightningDataModule):
             dataset = load_local_dataset(source)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err} Or use source='imdb' for the bundled IMDb reviews.") from err
+        if self.hparams.format == "tldr":
+            dataset = tldr_sft_dataset(dataset, source)
         fractions = {"train": 1.0 - self.hparams.val_fraction, "validation": self.hparams.val_fraction}
         parts = assign_splits(dataset, fractions, seed=self.hparams.seed)
         return parts["train"], parts["validation"]
 
+    def fields(self) -> tuple[str, str | None]:
+        """``(completion column, prompt column or None)`` of the raw rows."""
+        if self.hparams.format == "tldr":
+            return COMPLETION_COLUMN, PROMPT_COLUMN
+        return self.hparams.text_field, self.hparams.prompt_field
+
     def prepare_split(self, rows: Dataset, name: str, limit: int | None) -> Dataset:
         """Check columns and size, keep the first ``limit`` rows, tokenize."""
         where = f"{self.hparams.source} ({name} split)"
-        fields = [self.hparams.text_field]
-        if self.hparams.prompt_field is not None:
-            fields.append(self.hparams.prompt_field)
-        require_columns(rows, fields, where)
+        text_field, prompt_field = self.fields()
+        require_columns(rows, [text_field] if prompt_field is None else [text_field, prompt_field], where)
         if limit is not None:
             rows = rows.select(range(min(limit, len(rows))))
         if len(rows) < self.hparams.batch_size:
@@ -171,10 +186,8 @@ class TextDataModule(L.LightningDataModule):
                 f"{where} {problem}, fewer than batch_size={self.hparams.batch_size}: lower batch_size, "
                 "raise the example limit or val_fraction, or add data."
             )
-        completions = text_column(rows, self.hparams.text_field, where)
-        prompts = None
-        if self.hparams.prompt_field is not None:
-            prompts = text_column(rows, self.hparams.prompt_field, where)
+        completions = text_column(rows, text_field, where)
+        prompts = None if prompt_field is None else text_column(rows, prompt_field, where)
         return tokenize_examples(self.tokenizer, completions, prompts, self.hparams.max_length)
 
     def setup(self, stage: str | None = None) -> None:
