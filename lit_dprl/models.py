@@ -166,7 +166,7 @@ def load_causal_lm(
             path = _gguf_to_local_dir(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer))
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the pad row is never attended
     model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
     return model

@@ -38,7 +38,7 @@ class Stage:
         config: A ``train.py fit`` YAML.
         args: Extra command-line overrides for that config (e.g. ``--trainer.max_steps=10``).
         inputs: Config keys set to an earlier stage's exported model, e.g.
-            ``{model.init_args.model: sft, data.init_args.tokenizer: sft}``.
+            ``{model.init_args.model: sft, data.init_args.tokenizer: sft}``, or to a model directory path.
         public: The stage trains on public data only (no DP; not part of the privacy report).
     """
 
@@ -57,7 +57,7 @@ class Evaluation:
         policy: Stage whose exported model is the aligned policy.
         baselines: Extra rows: label → a stage name or a model source (e.g. ``pretrained: smollm2``).
         reference: Stage (or model source) for the KL column, normally the SFT model.
-        reward_stage: Stage that exported a public sequence classifier used as the reward.
+        reward_stage: Stage (or directory) of a public sequence classifier used as the reward.
         reward_label: The classifier's label whose logit is the reward.
         reward_function: Or a Python callable ``package.module:function`` as the reward.
         source: Held-out prompts: "imdb" (first words of reviews of the IMDb test split).
@@ -100,9 +100,11 @@ def stage_command(run_dir: Path, stage: Stage, stages: dict[str, Stage]) -> list
     """The ``train.py`` arguments that run ``stage`` inside ``run_dir``."""
     args = ["fit", "--config", stage.config, *stage.args]
     for key, source in stage.inputs.items():
-        if source not in stages:
-            raise ValueError(f"stage {stage.name!r}: input {key} names unknown stage {source!r}")
-        args.append(f"--{key}={stage_dir(run_dir, source)}")
+        if source not in stages and not Path(source).is_dir():
+            raise ValueError(
+                f"stage {stage.name!r}: input {key}={source!r} is neither a stage nor a directory"
+            )
+        args.append(f"--{key}={resolve_model(run_dir, source, stages)}")
     args += [
         f"--model.init_args.export_dir={stage_dir(run_dir, stage.name)}",
         f"--trainer.logger.init_args.save_dir={run_dir}",

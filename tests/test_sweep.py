@@ -1,0 +1,43 @@
+"""The privacy-utility table's arithmetic and the sweep's DP override."""
+
+import json
+import math
+
+import pytest
+
+from lit_dprl.sweep import dp_callbacks_arg, plot, summarise, write_table
+
+
+def evaluation(pretrained, sft, aligned):
+    return {
+        "pretrained": {"reward_mean": pretrained},
+        "sft": {"reward_mean": sft},
+        "aligned": {"reward_mean": aligned, "kl_to_reference": 0.5},
+    }
+
+
+def test_table_reports_the_share_of_the_non_private_gain(tmp_path):
+    results = {
+        1.0: [evaluation(-0.3, 0.0, 0.6), evaluation(-0.3, 0.1, 0.5)],
+        math.inf: [evaluation(-0.3, 0.2, 1.2), evaluation(-0.3, 0.2, 1.2)],
+    }
+    rows = summarise(results)
+    assert rows["1"]["gain_kept"] == pytest.approx(0.5 / 1.0)
+    assert rows["inf"]["gain_kept"] == pytest.approx(1.0)
+    assert rows["0"]["aligned"][0] == pytest.approx(-0.3)
+    assert rows["1"]["aligned"] == pytest.approx((0.55, math.sqrt(0.005)))
+    table = write_table(rows, tmp_path)
+    assert "| 1 | 0.050 ± 0.071 | 0.550 ± 0.071 | 0.500 | 50 % | 2 |" in table
+    plot(rows, tmp_path)
+    assert (tmp_path / "reward_vs_epsilon.png").stat().st_size > 0
+
+
+def test_dp_override_per_epsilon():
+    assert dp_callbacks_arg(math.inf, 1.0) == "--trainer.callbacks=[]"
+    callbacks = json.loads(dp_callbacks_arg(4.0, 0.5).split("=", 1)[1])
+    assert callbacks == [
+        {
+            "class_path": "lit_dprl.privacy.DPCallback",
+            "init_args": {"target_epsilon": 4.0, "max_grad_norm": 0.5},
+        }
+    ]
