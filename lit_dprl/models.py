@@ -12,8 +12,10 @@ Hub names are refused at once: nothing is downloaded at run time.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
@@ -166,7 +169,9 @@ def load_causal_lm(
             path = _gguf_to_local_dir(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the pad row is never attended
+            model.resize_token_embeddings(
+                len(tokenizer), mean_resizing=False
+            )  # the pad row is never attended
     model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
     return model
@@ -212,3 +217,38 @@ def merged_copy(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
     if is_peft:
         clone = clone.merge_and_unload()
     return clone.eval()
+
+
+def context_length(config) -> int | None:
+    """The model's maximum number of positions (``n_positions`` on GPT-2, ``max_position_embeddings`` else)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def sequence_classifier_from_causal_lm(
+    source: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    label_names: list[str] | None = None,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """An ``AutoModelForSequenceClassification`` whose body is ``source``'s causal LM.
+
+    One output per name in ``label_names`` (stored as ``id2label``/``label2id``), or a single scalar
+    (a reward model) when None. The body weights are copied from ``load_causal_lm(source)``, so "tiny",
+    "smollm2", a .gguf file, a stage-1 export or any local causal-LM directory work; the new head ``score``
+    is drawn from ``N(0, 1/(d+1))`` (the OpenAI / N+ reward-head init), seeded. Dropout is off.
+    """
+    causal = load_causal_lm(source, tokenizer, seed=seed)
+    config = copy.deepcopy(causal.config)
+    config.num_labels = len(label_names) if label_names else 1
+    if label_names:
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: index for index, name in enumerate(label_names)}
+    config.architectures = None
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_config(config)
+        torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(config.hidden_size + 1))
+    model.base_model.load_state_dict(causal.base_model.state_dict())
+    disable_dropout(model)
+    return model

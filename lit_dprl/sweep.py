@@ -147,10 +147,10 @@ def run_sweep(
             name = f"eps-{'inf' if math.isinf(eps) else f'{eps:g}'}_seed-{seed}"
             result = run_pipeline(str(root / name), stages, evaluation)
             results.setdefault(eps, []).append(result["evaluation"])
-    rows = summarise(results)
-    save_json({"rows": rows, "wall_time_s": time.perf_counter() - started}, root / "table.json")
-    table = write_table(rows, root)
-    plot(rows, root)
+            rows = summarise(results)  # rewritten after every run, so an interrupted sweep keeps its table
+            save_json({"rows": rows, "wall_time_s": time.perf_counter() - started}, root / "table.json")
+            table = write_table(rows, root)
+            plot(rows, root)
     print(table)
     return rows
 

@@ -11,8 +11,6 @@ needed or attached: the training data are public. The export loads with plain
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 from pathlib import Path
 
@@ -22,47 +20,17 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_dprl.models import (
     add_lora,
-    disable_dropout,
-    load_causal_lm,
+    context_length,
     load_tokenizer,
     merged_copy,
     position_ids_from_mask,
+    sequence_classifier_from_causal_lm,
 )
-from lit_dprl.stages.reward import context_length
 
 SENTIMENT_LABELS = ("negative", "positive")
-
-
-def build_classifier_backbone(
-    source: str,
-    tokenizer: PreTrainedTokenizerBase,
-    label_names: list[str],
-    seed: int = 0,
-) -> PreTrainedModel:
-    """An ``AutoModelForSequenceClassification`` with one output per label whose body is ``source``'s causal LM.
-
-    Like ``lit_dprl.stages.reward.build_reward_backbone`` (which is fixed to one output): the body
-    weights are copied from ``load_causal_lm(source)``, the new head ``score`` is drawn from
-    ``N(0, 1/(d+1))``, seeded; ``config.id2label`` / ``label2id`` name the classes; dropout is off.
-    """
-    causal = load_causal_lm(source, tokenizer, seed=seed)
-    config = copy.deepcopy(causal.config)
-    config.num_labels = len(label_names)
-    config.id2label = dict(enumerate(label_names))
-    config.label2id = {name: index for index, name in enumerate(label_names)}
-    config.architectures = None
-    config.pad_token_id = tokenizer.pad_token_id
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_config(config)
-        torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(config.hidden_size + 1))
-    model.base_model.load_state_dict(causal.base_model.state_dict())
-    disable_dropout(model)
-    return model
 
 
 class ClassifierModule(L.LightningModule):
@@ -117,7 +85,7 @@ class ClassifierModule(L.LightningModule):
             raise ValueError(f"label_names must be {num_labels} distinct names, got {label_names}")
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(model)
-        backbone = build_classifier_backbone(model, self.tokenizer, label_names, seed=seed).train()
+        backbone = sequence_classifier_from_causal_lm(model, self.tokenizer, label_names, seed=seed).train()
         if use_lora:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

@@ -12,9 +12,7 @@ by stage 3 through :class:`RewardModelScorer`.
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,41 +32,16 @@ from lit_dprl.data.preferences import encode_prompt_responses
 from lit_dprl.losses import bradley_terry_loss
 from lit_dprl.models import (
     add_lora,
+    context_length,
     disable_dropout,
-    load_causal_lm,
     load_tokenizer,
     merged_copy,
     position_ids_from_mask,
+    sequence_classifier_from_causal_lm,
 )
 
 REWARD_CONFIG_FILE = "reward_config.json"
 REFERENCE_FIELDS = ("prompt", "response")
-
-
-def context_length(config) -> int | None:
-    """The model's maximum number of positions (``n_positions`` on GPT-2, ``max_position_embeddings`` else)."""
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
-def build_reward_backbone(source: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
-    """A scalar-head ``AutoModelForSequenceClassification`` (``num_labels=1``) whose body is ``source``'s causal LM.
-
-    The body weights are copied from ``load_causal_lm(source)`` (so "tiny", "smollm2", a .gguf file, a
-    stage-1 export or any local causal-LM directory all work); the new head ``score`` is drawn from
-    ``N(0, 1/(d+1))`` (std ``1/sqrt(d+1)``, the OpenAI / N+ reward-head init), seeded. Dropout is off.
-    """
-    causal = load_causal_lm(source, tokenizer, seed=seed)
-    config = copy.deepcopy(causal.config)
-    config.num_labels = 1
-    config.architectures = None
-    config.pad_token_id = tokenizer.pad_token_id
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_config(config)
-        torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(config.hidden_size + 1))
-    model.base_model.load_state_dict(causal.base_model.state_dict())
-    disable_dropout(model)
-    return model
 
 
 def sequence_rewards(
@@ -192,7 +165,7 @@ class RewardModule(L.LightningModule):
         self.export_dir = export_dir
         self.public_reference_file = public_reference_file
         self.tokenizer = load_tokenizer(model)
-        backbone = build_reward_backbone(model, self.tokenizer, seed=seed)
+        backbone = sequence_classifier_from_causal_lm(model, self.tokenizer, seed=seed)
         if use_lora:
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
