@@ -60,6 +60,7 @@ class Evaluation:
         reward_stage: Stage (or directory) of a public sequence classifier used as the reward.
         reward_label: The classifier's label whose logit is the reward.
         reward_function: Or a Python callable ``package.module:function`` as the reward.
+        reward_model: Or a stage (or directory) of a stage-2 reward model (RLHF path).
         source: Held-out prompts: "imdb" (first words of reviews of the IMDb test split).
         max_prompts: Number of held-out prompts.
         min_prompt_words: Fewest words per IMDb prompt.
@@ -76,6 +77,7 @@ class Evaluation:
     reward_stage: str | None = None
     reward_label: int = 1
     reward_function: str | None = None
+    reward_model: str | None = None
     source: str = "imdb"
     max_prompts: int = 64
     min_prompt_words: int = 2
@@ -174,8 +176,12 @@ def evaluate(run_dir: Path, evaluation: Evaluation, stages: dict[str, Stage]) ->
         )
     elif evaluation.reward_function is not None:
         reward = load_reward_callable(evaluation.reward_function)
+    elif evaluation.reward_model is not None:
+        from lit_dprl.stages.reward import RewardModelScorer
+
+        reward = RewardModelScorer(resolve_model(run_dir, evaluation.reward_model, stages))
     else:
-        raise ValueError("evaluation needs reward_stage or reward_function")
+        raise ValueError("evaluation needs reward_stage, reward_function or reward_model")
     prompts = held_out_prompts(evaluation)
     reference = resolve_model(run_dir, evaluation.reference, stages) if evaluation.reference else None
     rows = {**evaluation.baselines, "aligned": evaluation.policy}

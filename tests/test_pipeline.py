@@ -77,3 +77,24 @@ def test_overlapping_users_compose_sequentially():
     both = epsilon_after(accountant="rdp", batch_noise=1.0, sample_rate=0.01, batches=200, delta=1e-5)
     assert sequential["epsilon"] == pytest.approx(both, rel=1e-6)
     assert sequential["composition"].startswith("sequential")
+
+
+def test_rlhf_path_runs_three_dp_stages_on_disjoint_imdb_sets(tmp_path):
+    result = main(["--config", "configs/pipeline/imdb_rlhf_tiny.yaml", f"--run_dir={tmp_path}"])
+    assert set(result["privacy"]["stages"]) == {"sft", "reward", "ppo"}
+    assert all(s["epsilon"] <= 8.0 for s in result["privacy"]["stages"].values())
+    assert (tmp_path / "reward" / "model" / "reward_config.json").is_file()
+    assert "aligned" in result["evaluation"]
+
+
+def test_reward_pairs_come_from_d2_only():
+    from lit_dprl.data.preferences import imdb_preference_pairs
+
+    splits = split_imdb(load_imdb_reviews(), seed=0, reward_fraction=0.2)
+    train, val = imdb_preference_pairs(seed=0, reward_fraction=0.2)
+    d2 = " ".join(" ".join(text.split()) for text in splits["reward"]["text"])
+    test = " ".join(" ".join(text.split()) for text in splits["test"]["text"])
+    assert all(row["chosen"].strip() in d2 and row["rejected"].strip() in d2 for row in train[:200])
+    assert all(row["chosen"].strip() in test for row in val[:200])
+    d1_d3 = set(splits["sft"]["text"]) | set(splits["ppo"]["text"])
+    assert not d1_d3 & (set(splits["reward"]["text"]) | set(splits["test"]["text"]))

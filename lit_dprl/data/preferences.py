@@ -309,12 +309,41 @@ def encode_pairs(
     return dataset, count
 
 
+IMDB = "imdb"
+IMDB_PROMPT_WORDS = 8
+IMDB_RESPONSE_WORDS = 24
+
+
+def imdb_preference_pairs(seed: int, reward_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Real preference pairs from the IMDb reviews: ``(train, validation)``.
+
+    Training pairs come only from the private reward set D2 of ``split_imdb(seed, reward_fraction)``,
+    validation pairs only from its held-out test split; the authors' ratings decide the preference
+    (``pairs_from_labelled_texts``: an 8-word prompt, 24-word continuations).
+    """
+    from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
+
+    if reward_fraction <= 0:
+        raise PreferenceDataError("train_file='imdb' needs reward_fraction > 0 (the share of reviews in D2)")
+    splits = split_imdb(load_imdb_reviews(), seed=seed, reward_fraction=reward_fraction)
+
+    def pairs(part) -> list[dict]:
+        rows = pairs_from_labelled_texts(
+            list(part["text"]), list(part["label"]), IMDB_PROMPT_WORDS, seed, IMDB_RESPONSE_WORDS
+        )
+        return [{**row, "user_id": row.get("user_id")} for row in rows]
+
+    return pairs(splits["reward"]), pairs(splits["test"])
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs from local files, tokenized for the reward model and batched with left padding.
 
     Args:
         train_file: Local .jsonl/.json/.csv/.parquet file with ``prompt``, ``chosen``, ``rejected``
             (optional ``user_id``), or OpenAI summarize_from_feedback comparisons. Nothing is downloaded.
+            ``"imdb"``: pairs built by ``pairs_from_labelled_texts`` from the bundled IMDb reviews of the
+            private reward set D2 of ``split_imdb`` (validation pairs from its held-out test split).
         tokenizer: Model source whose tokenizer is used (``lit_dprl.models.load_tokenizer``); must match
             the reward model's source.
         val_file: Local validation file in the same layouts; if None, a seeded ``val_fraction`` of
@@ -326,6 +355,8 @@ class PreferenceDataModule(L.LightningDataModule):
         val_batch_size: Pairs per validation batch; None uses ``batch_size``.
         seed: Seed of the train/validation split.
         num_workers: DataLoader worker processes.
+        reward_fraction: With ``train_file="imdb"``: the share of the private IMDb reviews that forms D2;
+            give every stage of a pipeline the same value so D1, D2 and D3 stay disjoint.
     """
 
     def __init__(
@@ -339,6 +370,7 @@ class PreferenceDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        reward_fraction: float = 0.2,
     ) -> None:
         super().__init__()
         if val_file is None and not 0.0 < val_fraction < 1.0:
@@ -355,6 +387,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.reward_fraction = reward_fraction
         self.tokenizer = None
         self.train_dataset: PreferenceDataset | None = None
         self.val_dataset: PreferenceDataset | None = None
@@ -365,10 +398,13 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_source)
-        train_rows = read_preference_file(self.train_file)
-        if self.val_file is not None:
+        if self.train_file == IMDB:
+            train_rows, val_rows = imdb_preference_pairs(self.seed, self.reward_fraction)
+        elif self.val_file is not None:
+            train_rows = read_preference_file(self.train_file)
             val_rows = read_preference_file(self.val_file)
         else:
+            train_rows = read_preference_file(self.train_file)
             order = list(range(len(train_rows)))
             random.Random(self.seed).shuffle(order)
             n_val = max(1, round(self.val_fraction * len(train_rows)))

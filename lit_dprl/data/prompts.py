@@ -56,6 +56,8 @@ class PromptDataModule(L.LightningDataModule):
         val_fraction: Share of a local file held out for evaluation.
         seed: Seed of the data splits; keep it equal across stages so D1/D2/D3 stay disjoint.
         num_workers: DataLoader worker processes.
+        reward_fraction: Share of the private IMDb reviews set aside as the reward model's set D2 (the
+            rest is halved into D1 and D3); give every stage of a pipeline the same value.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class PromptDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
+        reward_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -92,7 +95,7 @@ class PromptDataModule(L.LightningDataModule):
         """Untokenized ``(train, validation)`` prompts."""
         hp = self.hparams
         if hp.source == IMDB:
-            splits = split_imdb(load_imdb_reviews(), seed=hp.seed)
+            splits = split_imdb(load_imdb_reviews(), seed=hp.seed, reward_fraction=hp.reward_fraction)
             train, val = splits["ppo"], splits["test"]
             train, val = self._limit(train, hp.max_train_prompts), self._limit(val, hp.max_val_prompts)
             words = functools.partial(

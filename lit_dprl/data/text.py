@@ -105,6 +105,8 @@ class TextDataModule(L.LightningDataModule):
         seed: Seed of the data splits and row subsets. Keep it the same in every stage so that the stages'
             private sets stay disjoint.
         num_workers: DataLoader worker processes.
+        reward_fraction: Share of the private IMDb reviews set aside as the reward model's set D2 (the
+            rest is halved into D1 and D3); give every stage of a pipeline the same value.
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
+        reward_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if max_length < 2:
@@ -155,7 +158,9 @@ class TextDataModule(L.LightningDataModule):
         """Untokenized ``(train, validation)`` rows before the example limits."""
         source = self.hparams.source
         if source == IMDB:
-            splits = split_imdb(load_imdb_reviews(), seed=self.hparams.seed)
+            splits = split_imdb(
+                load_imdb_reviews(), seed=self.hparams.seed, reward_fraction=self.hparams.reward_fraction
+            )
             return splits["sft"], splits["test"]
         try:
             dataset = load_local_dataset(source)
