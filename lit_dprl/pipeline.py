@@ -171,9 +171,8 @@ def evaluate(run_dir: Path, evaluation: Evaluation, stages: dict[str, Stage]) ->
     from lit_dprl.rewards import SequenceClassifierReward, load_reward_callable
 
     if evaluation.reward_stage is not None:
-        reward = SequenceClassifierReward(
-            str(stage_dir(run_dir, evaluation.reward_stage)), label=evaluation.reward_label
-        )
+        classifier = resolve_model(run_dir, evaluation.reward_stage, stages)
+        reward = SequenceClassifierReward(classifier, label=evaluation.reward_label)
     elif evaluation.reward_function is not None:
         reward = load_reward_callable(evaluation.reward_function)
     elif evaluation.reward_model is not None:

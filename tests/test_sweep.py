@@ -41,3 +41,15 @@ def test_dp_override_per_epsilon():
             "init_args": {"target_epsilon": 4.0, "max_grad_norm": 0.5},
         }
     ]
+
+
+def test_tiny_sweep_runs_private_and_non_private_pipelines(tmp_path):
+    from lit_dprl.sweep import main
+
+    rows = main(["--config", "configs/sweep/tiny.yaml", f"--run_dir={tmp_path}"])
+    assert set(rows) == {"0", "4", "inf"}
+    private = json.loads((tmp_path / "eps-4_seed-0" / "privacy_report.json").read_text())
+    assert private["epsilon"] <= 4.0 and set(private["stages"]) == {"sft", "ppo"}
+    non_private = json.loads((tmp_path / "eps-inf_seed-0" / "privacy_report.json").read_text())
+    assert non_private["composition"] == "none"  # no stage ran with DP
+    assert (tmp_path / "table.md").is_file() and (tmp_path / "reward_vs_epsilon.png").is_file()
