@@ -58,7 +58,7 @@ def summarise(results: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
             "kl": mean_std([e["aligned"].get("kl_to_reference", float("nan")) for e in runs]),
             "seeds": len(runs),
         }
-        if reference_gain:
+        if reference_gain is not None and reference_gain > 0:  # a share of a non-positive gain means nothing
             row["gain_kept"] = statistics.fmean(gains[eps]) / reference_gain
         rows["inf" if math.isinf(eps) else f"{eps:g}"] = row
     return rows
