@@ -192,6 +192,7 @@ def test_reward_model_learns_a_public_preference_rule(tmp_path, epsilon):
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=2,
+        default_root_dir=tmp_path,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
