@@ -139,15 +139,17 @@ def test_empty_poisson_batches_are_noise_only_steps(tmp_path):
 
 
 def test_empty_batch_changes_parameters_by_noise(tmp_path):
-    class AlwaysEmpty(ToyClassifier):
-        pass
+    from lit_dprl.privacy.sampling import PoissonBatchSampler
 
-    model = AlwaysEmpty(n=10_000, batch_size=1)  # q = 1e-4: the first batch is empty w.p. 0.37 ...
+    n = 50  # q = 1/50: the first sample is empty with probability (1 - q)^n = 0.36
+    seed = next(s for s in range(100) if next(iter(PoissonBatchSampler(n, 1 / n, 1, seed=s))) == [])
+    model = ToyClassifier(n=n, batch_size=1)
     before = flat_params(model)
-    cb = DPCallback(noise_multiplier=1.0, sampling_seed=5, noise_seed=0)
-    make_trainer(tmp_path, [cb], max_steps=3).fit(model)
-    assert cb.steps == 3
-    assert not torch.equal(before, flat_params(model))
+    cb = DPCallback(noise_multiplier=1.0, sampling_seed=seed, noise_seed=0)
+    make_trainer(tmp_path, [cb], max_steps=1).fit(model)
+    assert model.batch_sizes == []  # the module never saw the empty sample
+    assert cb.steps == 1  # ... yet the step was taken and accounted
+    assert not torch.equal(before, flat_params(model))  # a noise-only update
 
 
 def test_manual_optimization_with_two_optimizers(tmp_path):
