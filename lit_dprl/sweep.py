@@ -115,13 +115,21 @@ def run_sweep(
     epsilons: list[float],
     seeds: list[int],
     shared_stages: list[str],
-    max_grad_norm: float = 1.0,
+    max_grad_norm: float | dict[str, float] = 1.0,
 ) -> dict[str, Any]:
+    """Run the pipeline for every (seed, ε) and write the table; ``max_grad_norm`` is one C for every private
+    stage or ``{stage name: C}``."""
     root = Path(run_dir)
     base_parser = pipeline_parser()
     base = base_parser.instantiate_classes(
         base_parser.parse_args(["--config", pipeline, "--run_dir", str(root)])
     )
+    private = [s.name for s in base.stages if not s.public and s.name not in shared_stages]
+    if isinstance(max_grad_norm, dict) and (missing := sorted(set(private) - set(max_grad_norm))):
+        raise ValueError(
+            f"max_grad_norm gives no clipping norm for the private stage(s) {missing}: give one value, or "
+            f"one per private stage ({', '.join(f'{name}: C' for name in private)})"
+        )
     shared_dir = root / "shared"
     shared = [s for s in base.stages if s.name in shared_stages]
     run_pipeline(str(shared_dir), shared)
@@ -136,7 +144,8 @@ def run_sweep(
                     continue
                 args = [*stage.args, f"--seed_everything={seed}"]
                 if not stage.public:
-                    args.append(dp_callbacks_arg(eps, max_grad_norm))
+                    clip = max_grad_norm[stage.name] if isinstance(max_grad_norm, dict) else max_grad_norm
+                    args.append(dp_callbacks_arg(eps, clip))
                 inputs = {k: shared_paths.get(v, v) for k, v in stage.inputs.items()}
                 public = stage.public or math.isinf(eps)
                 stages.append(dataclasses.replace(stage, args=args, inputs=inputs, public=public))
@@ -168,6 +177,11 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         "--seeds", type=list[int], default=[0, 1], help="Training seeds (the data split stays fixed)."
     )
     p.add_argument("--shared_stages", type=list[str], default=["classifier"], help="Public stages run once.")
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="Clipping norm C of the private stages.")
+    p.add_argument(
+        "--max_grad_norm",
+        type=float | dict[str, float],
+        default=1.0,
+        help="Clipping norm C of the private stages: one value, or {stage name: C}.",
+    )
     cfg = p.parse_args(args)
     return run_sweep(cfg.run_dir, cfg.pipeline, cfg.epsilons, cfg.seeds, cfg.shared_stages, cfg.max_grad_norm)

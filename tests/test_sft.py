@@ -132,3 +132,11 @@ def test_sft_configs_name_real_constructor_arguments(config):
         cls = getattr(importlib.import_module(module_name), class_name)
         inspect.signature(cls).bind(**sections[section]["init_args"])
     assert sections["model"]["init_args"]["model"] == sections["data"]["init_args"]["tokenizer"]
+
+
+def test_gpt2_tokenizer_is_the_real_bpe_with_a_distinct_pad():
+    from lit_dprl.models import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]  # GPT-2's ids
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.padding_side == "left"

@@ -46,10 +46,22 @@ def test_dp_override_per_epsilon():
 def test_tiny_sweep_runs_private_and_non_private_pipelines(tmp_path):
     from lit_dprl.sweep import main
 
-    rows = main(["--config", "configs/sweep/tiny.yaml", f"--run_dir={tmp_path}"])
+    clip = "--max_grad_norm={sft: 1.0, ppo: 0.25}"  # one clipping norm per private stage
+    rows = main(["--config", "configs/sweep/tiny.yaml", f"--run_dir={tmp_path}", clip])
     assert set(rows) == {"0", "4", "inf"}
     private = json.loads((tmp_path / "eps-4_seed-0" / "privacy_report.json").read_text())
     assert private["epsilon"] <= 4.0 and set(private["stages"]) == {"sft", "ppo"}
+    for stage, norm in (("sft", 1.0), ("ppo", 0.25)):
+        report = next((tmp_path / "eps-4_seed-0" / stage).rglob("privacy.json"))
+        assert json.loads(report.read_text())["max_grad_norm"] == norm
     non_private = json.loads((tmp_path / "eps-inf_seed-0" / "privacy_report.json").read_text())
     assert non_private["composition"] == "none"  # no stage ran with DP
     assert (tmp_path / "table.md").is_file() and (tmp_path / "reward_vs_epsilon.png").is_file()
+
+
+def test_sweep_refuses_a_clipping_norm_map_that_misses_a_private_stage(tmp_path):
+    from lit_dprl.sweep import main
+
+    with pytest.raises(ValueError, match=r"no clipping norm for the private stage\(s\) \['ppo'\]"):
+        main(["--config", "configs/sweep/tiny.yaml", f"--run_dir={tmp_path}", "--max_grad_norm={sft: 1.0}"])
+    assert not any(tmp_path.iterdir())  # refused before anything ran
