@@ -23,10 +23,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from lit_dprl.data.prompts import PromptDataModule
-from lit_dprl.models import gpt2_tokenizer
+from lit_dprl.models import build_tiny_gpt2, gpt2_tokenizer
 from lit_dprl.privacy import DPCallback
 from lit_dprl.stages.ppo import PPOModule
 
@@ -47,9 +46,7 @@ class BatchTimer(pl.Callback):
 def save_gpt2_small(directory: Path) -> str:
     """Save a random-init GPT-2-small-sized model and the GPT-2 tokenizer to ``directory``."""
     tokenizer = gpt2_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=len(tokenizer))
-    GPT2LMHeadModel(config).save_pretrained(directory)
+    build_tiny_gpt2(tokenizer, n_layer=12, n_embd=768, n_head=12, n_positions=1024).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
 

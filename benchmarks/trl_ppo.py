@@ -27,6 +27,7 @@ calls ``gc.collect()`` twice per batch; those calls are timed too.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 import warnings
@@ -38,20 +39,15 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import (
     AutoModelForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
     TrainerCallback,
 )
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-from lit_dprl.models import build_tiny_tokenizer, gpt2_tokenizer
+from lit_dprl.models import build_tiny_gpt2, build_tiny_tokenizer, gpt2_tokenizer
 
-MODELS = {
-    "tiny": dict(n_layer=2, n_embd=64, n_head=2, n_positions=256),
-    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12),
-}
+MODELS = {"tiny": {}, "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024)}
 LORA = {"tiny": dict(r=4, lora_alpha=32), "gpt2-small": dict(r=8, lora_alpha=16)}
 
 
@@ -75,19 +71,10 @@ class BatchTimer(TrainerCallback):
 def episodes_per_second(model: str, batch: int, batches: int, response: int) -> tuple[float, list[float]]:
     """TRL PPO episodes/s over all batches but the first, and every batch's wall time."""
     tokenizer: PreTrainedTokenizerBase = build_tiny_tokenizer() if model == "tiny" else gpt2_tokenizer()
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=1,
-        **MODELS[model],
-    )
+    policy = build_tiny_gpt2(tokenizer, seed=0, **MODELS[model])
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1  # scalar heads of the value and reward models
     torch.manual_seed(0)
-    policy = GPT2LMHeadModel(config)
     value_model = AutoModelForSequenceClassification.from_config(config)
     reward_model = AutoModelForSequenceClassification.from_config(config)
     prompts = [f"This movie was number {i} and" for i in range(4096)]

@@ -87,20 +87,18 @@ def gpt2_tokenizer() -> PreTrainedTokenizerBase:
 
 
 def build_tiny_gpt2(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides) -> GPT2LMHeadModel:
-    """A random GPT-2 (2 layers, width 64) sized to ``tokenizer``; dropout off; seeded."""
+    """A random GPT-2 (2 layers, width 64 unless ``overrides`` say otherwise) sized to ``tokenizer``; dropout
+    off; seeded."""
+    sizes = dict(n_positions=256, n_embd=64, n_layer=2, n_head=2) | overrides
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=256,
-        n_embd=64,
-        n_layer=2,
-        n_head=2,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **overrides,
+        **sizes,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
