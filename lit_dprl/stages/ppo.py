@@ -126,7 +126,7 @@ class PPOModule(L.LightningModule):
         cliprange: PPO ratio clip ε.
         cliprange_value: Value clip.
         vf_coef: Weight of the value loss. Under DP the value head shares each prompt's clipping budget
-            with the policy; on SmolLM2 its gradient is ~20x the policy's at vf_coef 0.1 and takes nearly
+            with the policy; on SmolLM2 its gradient is ~30x the policy's at vf_coef 0.1 and takes nearly
             all of it, so DP configs use a small weight (configs/demo/ppo.yaml: 0.005).
         temperature: Sampling temperature (log-probs use the same temperature).
         min_new_tokens: Fewest response tokens (EOS is blocked before).
