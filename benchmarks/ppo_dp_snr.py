@@ -8,7 +8,9 @@ For one rollout batch of held-out prompts (the data module's validation split) i
 gradient exactly (one backward per prompt) and prints, per vf_coef and clipping norm C: the median gradient
 norm of the policy (LoRA) part and of the value-head part, and for each part the norm of its share of the mean
 clipped gradient (the signal of a DP step) over the norm of the DP noise σ·C·√d / B that lands on it (d its
-parameters, B prompts).
+parameters, B prompts), and for the policy the DP noise over the sampling noise that a non-private step has as
+well (the standard error of the batch mean, ‖·‖ of (Σ_b ‖c_b − c̄‖²)^½ / B): how many times noisier a DP update
+is than a non-private one (1: DP costs little; the "signal" above includes that sampling noise).
 DP-SGD learns when signal/noise, summed over steps, is large; raise it with a C near the gradients' norms, a
 small d and a large B. These statistics are not private: run it on prompts you may look at.
 """
@@ -66,9 +68,10 @@ def main() -> None:
     data.setup("fit")
     batch = next(iter(data.val_dataloader()))
     print(
-        "| vf_coef | C | median ‖g_policy‖ | median ‖g_value‖ | policy signal / noise | value-head signal / noise |"
+        "| vf_coef | C | median ‖g_policy‖ | median ‖g_value‖ | policy signal / noise | value-head signal / noise "
+        "| policy DP noise / sampling noise |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for vf_coef in args.vf_coef:
         torch.manual_seed(0)
         module = PPOModule(**(model_args | {"vf_coef": vf_coef, "export_dir": None}))
@@ -80,9 +83,12 @@ def main() -> None:
             for part in (policy, value):  # the same noise σC/B per coordinate lands on both parts
                 signal = (part * factor).mean(0).norm().item()
                 ratios.append(signal / (args.noise_multiplier * clip * math.sqrt(part.shape[1]) / len(scale)))
+            clipped_policy = policy * factor
+            sampling = (clipped_policy - clipped_policy.mean(0)).square().sum().sqrt().item()
+            dp_over_sampling = args.noise_multiplier * clip * math.sqrt(policy.shape[1]) / sampling
             print(
                 f"| {vf_coef:g} | {clip:g} | {policy.norm(dim=1).median():.3f} | {value.norm(dim=1).median():.3f} | "
-                f"{ratios[0]:.3f} | {ratios[1]:.3f} |"
+                f"{ratios[0]:.3f} | {ratios[1]:.3f} | {dp_over_sampling:.1f} |"
             )
     print(f"policy: {policy.shape[1]} parameters, value head: {value.shape[1]}, B = {len(scale)}")
 
