@@ -9,8 +9,9 @@ gradient exactly (one backward per prompt) and prints, per vf_coef and clipping 
 norm of the policy (LoRA) part and of the value-head part, and for each part the norm of its share of the mean
 clipped gradient (the signal of a DP step) over the norm of the DP noise σ·C·√d / B that lands on it (d its
 parameters, B prompts), and for the policy the DP noise over the sampling noise that a non-private step has as
-well (the standard error of the batch mean, (Σ_b ‖c_b − c̄‖²)^½ / B over the clipped policy gradients c_b): how many times noisier a DP update
-is than a non-private one (1: DP costs little; the "signal" above includes that sampling noise).
+well (the standard error of the batch mean, (Σ_b ‖c_b − c̄‖²)^½ / B over the clipped policy gradients c_b): how
+many times noisier a DP update is than a non-private one (1: DP costs little; the "signal" above includes that
+sampling noise).
 DP-SGD learns when signal/noise, summed over steps, is large; raise it with a C near the gradients' norms, a
 small d and a large B. These statistics are not private: run it on prompts you may look at.
 """
