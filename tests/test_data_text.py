@@ -171,3 +171,13 @@ def test_hub_names_and_directories_are_refused(tmp_path):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TextDataModule(**kwargs)
+
+
+def test_rotten_tomatoes_source_is_the_public_sentences_with_a_held_out_share():
+    data = TextDataModule(tokenizer="tiny", source="rotten_tomatoes", max_length=32, val_fraction=0.1)
+    train, validation = data.raw_splits()
+    assert len(train) + len(validation) == 8530
+    assert 0.08 < len(validation) / 8530 < 0.12
+    assert not set(train["text"]) & set(validation["text"])
+    imdb = set(load_imdb_reviews()["text"])
+    assert not imdb & set(train["text"])  # public pretraining never sees a (private) IMDb review

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from lit_dprl.sweep import dp_callbacks_arg, plot, summarise, write_table
 
@@ -65,3 +66,41 @@ def test_sweep_refuses_a_clipping_norm_map_that_misses_a_private_stage(tmp_path)
     with pytest.raises(ValueError, match=r"no clipping norm for the private stage\(s\) \['ppo'\]"):
         main(["--config", "configs/sweep/tiny.yaml", f"--run_dir={tmp_path}", "--max_grad_norm={sft: 1.0}"])
     assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_shared_public_stages_feed_every_run_and_its_baselines(tmp_path):
+    """A public pretraining stage shared by all runs: SFT starts from it, the evaluation's "pretrained" row is it."""
+    from lit_dprl.sweep import main
+
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        """
+run_dir: unused
+stages:
+  - {name: pretrain, config: configs/tiny/pretrain.yaml, public: true}
+  - name: sft
+    config: configs/tiny/sft.yaml
+    args: ["--trainer.max_steps=2"]
+    inputs: {model.init_args.model: pretrain, data.init_args.tokenizer: pretrain}
+  - name: ppo
+    config: configs/tiny/ppo.yaml
+    args: ["--trainer.max_steps=2"]
+    inputs: {model.init_args.model: sft, data.init_args.tokenizer: sft}
+evaluation:
+  policy: ppo
+  baselines: {pretrained: pretrain, sft: sft}
+  reward_function: lit_dprl.rewards:vowel_fraction
+  max_prompts: 8
+  max_new_tokens: 6
+"""
+    )
+    args = ["--pipeline", str(pipeline), f"--run_dir={tmp_path / 'sweep'}", "--epsilons=[4.0]", "--seeds=[0]"]
+    rows = main([*args, "--shared_stages=[pretrain]"])
+    assert set(rows) == {"0", "4"}
+    run = tmp_path / "sweep" / "eps-4_seed-0"
+    shared = tmp_path / "sweep" / "shared" / "pretrain" / "model"
+    assert (shared / "config.json").is_file() and not (run / "pretrain").exists()
+    sft_config = yaml.safe_load(next((run / "sft").rglob("hparams.yaml")).read_text())
+    assert sft_config["model"] == str(shared)
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["pretrained"]["policy"] == str(shared)

@@ -21,13 +21,12 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_dprl.data.files import load_local_dataset, require_columns, text_column
-from lit_dprl.data.imdb import load_imdb_reviews, load_rotten_tomatoes, split_imdb
+from lit_dprl.data.files import load_bundled_or_local, require_columns, text_column
+from lit_dprl.data.imdb import ROTTEN_TOMATOES, load_imdb_reviews, load_rotten_tomatoes, split_imdb
 from lit_dprl.data.padding import left_pad
 from lit_dprl.data.splits import assign_splits
 from lit_dprl.models import load_tokenizer
 
-ROTTEN_TOMATOES = "rotten_tomatoes"
 PRIVATE_SOURCES = ("imdb", "imdb_test")
 
 
@@ -137,15 +136,11 @@ class LabelledTextDataModule(L.LightningDataModule):
     def raw_splits(self) -> tuple[Dataset, Dataset]:
         """Untokenized ``(train, validation)`` rows with columns ``text_field`` and ``label_field``."""
         source = self.hparams.source
-        if source == ROTTEN_TOMATOES:
-            dataset = load_rotten_tomatoes()
-        else:
-            try:
-                dataset = load_local_dataset(source)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(
-                    f"{err} Or use source='rotten_tomatoes' for the bundled public sentences."
-                ) from err
+        dataset = load_bundled_or_local(
+            source,
+            {ROTTEN_TOMATOES: load_rotten_tomatoes},
+            "Or use source='rotten_tomatoes' for the bundled public sentences.",
+        )
         fractions = {"train": 1.0 - self.hparams.val_fraction, "validation": self.hparams.val_fraction}
         parts = assign_splits(dataset, fractions, seed=self.hparams.seed)
         return parts["train"], parts["validation"]

@@ -87,3 +87,14 @@ def text_column(dataset: Dataset, column: str, where: str) -> list[str]:
         if not isinstance(value, str):
             raise ValueError(f"{where}: column {column!r} holds {value!r} at row {row}, not text")
     return list(values)
+
+
+def load_bundled_or_local(source: str, bundled: dict, hint: str) -> Dataset:
+    """``bundled[source]()`` when ``source`` names a bundled set, else the local file ``source``; a missing
+    file's error ends with ``hint`` (which bundled sources to use instead)."""
+    if source in bundled:
+        return bundled[source]()
+    try:
+        return load_local_dataset(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} {hint}") from err

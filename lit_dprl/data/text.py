@@ -16,8 +16,8 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_dprl.data.files import load_local_dataset, require_columns, text_column
-from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
+from lit_dprl.data.files import load_bundled_or_local, require_columns, text_column
+from lit_dprl.data.imdb import ROTTEN_TOMATOES, load_imdb_reviews, load_rotten_tomatoes, split_imdb
 from lit_dprl.data.padding import left_pad
 from lit_dprl.data.splits import assign_splits
 from lit_dprl.data.tldr import COMPLETION_COLUMN, PROMPT_COLUMN, tldr_sft_dataset
@@ -88,8 +88,9 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: Model source whose tokenizer to use ("tiny", "smollm2", a .gguf path or a local model
             directory); must be the same source as the model's.
         source: "imdb" for the bundled IMDb reviews (training on the private SFT set D1 of
-            ``lit_dprl.data.imdb.split_imdb``, validating on its held-out test split), or a path to a local
-            .jsonl/.json/.csv/.parquet file. Hub datasets are not downloaded.
+            ``lit_dprl.data.imdb.split_imdb``, validating on its held-out test split), "rotten_tomatoes" for
+            the bundled PUBLIC Rotten Tomatoes sentences (public pretraining; ``val_fraction`` held out), or
+            a path to a local .jsonl/.json/.csv/.parquet file. Hub datasets are not downloaded.
         format: "plain": rows are read through ``text_field`` / ``prompt_field``. "tldr": a local file of
             Reddit TL;DR posts with reference summaries, in OpenAI's layout (``subreddit``, ``title``,
             ``post``, ``summary``) or CarperAI's (``prompt``, ``label``); prompt = the TL;DR query,
@@ -138,8 +139,10 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= 1 or None (all rows), got {limit}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if format == "tldr" and source == IMDB:
-            raise ValueError("format='tldr' reads a local TL;DR file; pass its path as source (not 'imdb')")
+        if format == "tldr" and source in (IMDB, ROTTEN_TOMATOES):
+            raise ValueError(
+                f"format='tldr' reads a local TL;DR file; pass its path as source (not {source!r})"
+            )
         self.save_hyperparameters()
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_set: Dataset | None = None
@@ -162,10 +165,11 @@ class TextDataModule(L.LightningDataModule):
                 load_imdb_reviews(), seed=self.hparams.seed, reward_fraction=self.hparams.reward_fraction
             )
             return splits["sft"], splits["test"]
-        try:
-            dataset = load_local_dataset(source)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err} Or use source='imdb' for the bundled IMDb reviews.") from err
+        dataset = load_bundled_or_local(
+            source,
+            {ROTTEN_TOMATOES: load_rotten_tomatoes},
+            "Or use source='imdb' for the bundled IMDb reviews (or 'rotten_tomatoes' for public sentences).",
+        )
         if self.hparams.format == "tldr":
             dataset = tldr_sft_dataset(dataset, source)
         fractions = {"train": 1.0 - self.hparams.val_fraction, "validation": self.hparams.val_fraction}
