@@ -61,16 +61,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _byte_level_fast_tokenizer(bpe: models.BPE, trainer: trainers.BpeTrainer | None = None, texts=()):
-    """``bpe`` with byte-level pre-tokenization and decoding (learnt from ``texts`` when a ``trainer`` is
-    given), wrapped for ``transformers``: EOS (also BOS/UNK) and a distinct PAD, left padding."""
+def _byte_level(bpe: models.BPE) -> Tokenizer:
+    """``bpe`` with byte-level pre-tokenization and decoding."""
     tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    if trainer is None:
-        tok.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
-    else:
-        tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _wrap_fast(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """``tok`` for ``transformers``: EOS (also BOS and UNK), a distinct PAD, left padding."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=EOS_TOKEN,
@@ -84,7 +84,9 @@ def _byte_level_fast_tokenizer(bpe: models.BPE, trainer: trainers.BpeTrainer | N
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with no merges: 256 byte tokens, then EOS and a distinct PAD."""
     byte_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    return _byte_level_fast_tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    tok = _byte_level(models.BPE(vocab=byte_vocab, merges=[]))
+    tok.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
+    return _wrap_fast(tok)
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -96,7 +98,9 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenize
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    return _byte_level_fast_tokenizer(models.BPE(), trainer, texts)
+    tok = _byte_level(models.BPE())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return _wrap_fast(tok)
 
 
 def scratch_tokenizer() -> PreTrainedTokenizerFast:
