@@ -65,8 +65,11 @@ def evaluate_policy(
         rewards += score_responses(reward, chunk, texts).tolist()
         if ref_model is not None:
             context = encoded["input_ids"].shape[1]
-            logp = response_logprobs(model, query_responses, attention_mask, context)
-            ref_logp = response_logprobs(ref_model, query_responses, attention_mask, context)
+            sampling = dict(temperature=temperature, min_new_tokens=min_new_tokens)
+            logp = response_logprobs(model, tokenizer, query_responses, attention_mask, context, **sampling)
+            ref_logp = response_logprobs(
+                ref_model, tokenizer, query_responses, attention_mask, context, **sampling
+            )
             kls += ((logp - ref_logp) * mask).sum(1).tolist()
     torch.random.set_rng_state(generator_state)
     result: dict[str, Any] = {

@@ -77,13 +77,35 @@ def response_logits(
     return out.logits[:, context_length - 1 : -1] / temperature, out
 
 
+def sampling_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, tokenizer: PreTrainedTokenizerBase, min_new_tokens: int
+) -> torch.Tensor:
+    """Log-probs ``[B, T]`` of response ``tokens`` under the distribution ``sample_responses`` draws from.
+
+    ``generate`` never samples the pad token, nor EOS before ``min_new_tokens``, so the sampling
+    distribution at step t is the softmax of the (temperature-scaled) logits over the allowed tokens A_t:
+    ``log q(y_t) = z_t[y_t] − log Σ_{v ∈ A_t} exp z_t[v]``. Scoring with the plain softmax instead biases the
+    policy gradient (its ``∇ log(1 − p_blocked)`` term) and the KL estimates. A blocked token that is itself
+    the target (the padding after EOS, masked out downstream) keeps its logit, so every entry is finite.
+    """
+    steps, vocab = logits.shape[-2:]
+    blocked = torch.zeros(steps, vocab, dtype=torch.bool, device=logits.device)
+    blocked[:, tokenizer.pad_token_id] = True
+    blocked[:min_new_tokens, tokenizer.eos_token_id] = True
+    blocked = blocked & (torch.arange(vocab, device=logits.device) != tokens.unsqueeze(-1))
+    return token_logprobs(logits.masked_fill(blocked, float("-inf")), tokens)
+
+
 def response_logprobs(
     model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     query_responses: torch.Tensor,
     attention_mask: torch.Tensor,
     context_length: int,
-    temperature: float = 1.0,
+    *,
+    temperature: float,
+    min_new_tokens: int,
 ) -> torch.Tensor:
-    """Log-probs of the response tokens under ``model`` at ``temperature``, ``[B, T]``."""
+    """Sampling log-probs (``sampling_logprobs``) of the response tokens under ``model``, ``[B, T]``."""
     logits, _ = response_logits(model, query_responses, attention_mask, context_length, temperature)
-    return token_logprobs(logits, query_responses[:, context_length:])
+    return sampling_logprobs(logits, query_responses[:, context_length:], tokenizer, min_new_tokens)

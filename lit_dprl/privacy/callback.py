@@ -116,7 +116,11 @@ class DPCallback(Callback):
         max_physical_batch_size: int | None = None,
     ) -> None:
         if (target_epsilon is None) == (noise_multiplier is None):
-            raise DPConfigurationError("give exactly one of target_epsilon and noise_multiplier")
+            raise DPConfigurationError(
+                "give exactly one of target_epsilon and noise_multiplier, got "
+                f"target_epsilon={target_epsilon} and noise_multiplier={noise_multiplier}; to replace the one "
+                "a config sets, set it to null (e.g. --trainer.callbacks.init_args.target_epsilon=null)"
+            )
         if target_epsilon is not None and target_epsilon <= 0:
             raise DPConfigurationError(f"target_epsilon must be positive, got {target_epsilon}")
         if noise_multiplier is not None and noise_multiplier < 0:

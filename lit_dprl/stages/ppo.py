@@ -2,7 +2,8 @@
 
 One ``training_step`` is one rollout batch (cleanrl's loop, top to bottom):
 
-1. sample responses for the batch's prompts (KV-cached ``generate``; pure sampling, top-k 0, top-p 1);
+1. sample responses for the batch's prompts (KV-cached ``generate``; pure sampling, top-k 0, top-p 1; every
+   log-prob is one of that sampling distribution: no pad, no EOS before ``min_new_tokens``);
 2. truncate after the first EOS; score prompt + response with the reward source;
 3. per-token reward = -β·KL(π‖π_ref) estimate, plus the score at the last response token;
 4. GAE(γ, λ) with the value head's estimates;
@@ -29,8 +30,12 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from lit_dprl.generation import join_prompts_and_responses, response_logits, sample_responses
-from lit_dprl.losses import token_logprobs
+from lit_dprl.generation import (
+    join_prompts_and_responses,
+    response_logits,
+    sample_responses,
+    sampling_logprobs,
+)
 from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, merged_copy
 from lit_dprl.rewards import (
     RewardFunction,
@@ -129,7 +134,7 @@ class PPOModule(L.LightningModule):
             with the policy; on SmolLM2 its gradient is ~30x the policy's at vf_coef 0.1 and takes nearly
             all of it, so DP configs use a small weight (configs/demo/ppo.yaml: 0.005,
             configs/cpu/ppo.yaml: 0.0002). Adam still learns the value head: its update does not scale with it.
-        temperature: Sampling temperature (log-probs use the same temperature).
+        temperature: Sampling temperature (log-probs use the same temperature and blocked tokens).
         min_new_tokens: Fewest response tokens (EOS is blocked before).
         max_new_tokens: Most response tokens.
         missing_eos_penalty: Subtracted from the score of responses without EOS (None: off).
@@ -306,6 +311,10 @@ class PPOModule(L.LightningModule):
             temperature=hp.temperature, min_new_tokens=hp.min_new_tokens, max_new_tokens=hp.max_new_tokens,
         )  # fmt: skip
 
+    def logprobs(self, logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """Log-probs ``[B, T]`` of sampled responses under the distribution ``generate`` samples from."""
+        return sampling_logprobs(logits, responses, self.tokenizer, self.hparams.min_new_tokens)
+
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
     def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
@@ -318,9 +327,9 @@ class PPOModule(L.LightningModule):
             queries, query_mask, raw, self.tokenizer
         )
         logits, values = self._forward(query_responses, attention_mask, context_length)
-        logprobs = token_logprobs(logits, responses)
+        logprobs = self.logprobs(logits, responses)
         ref_logits, _ = self._forward(query_responses, attention_mask, context_length, reference=True)
-        ref_logprobs = token_logprobs(ref_logits, responses)
+        ref_logprobs = self.logprobs(ref_logits, responses)
         prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores = score_responses(self.reward, prompts, texts, device=self.device)
@@ -347,7 +356,7 @@ class PPOModule(L.LightningModule):
         )
         mask = rollout.mask[rows]
         policy = ppo_policy_loss(
-            token_logprobs(logits, rollout.responses[rows]),
+            self.logprobs(logits, rollout.responses[rows]),
             rollout.logprobs[rows],
             rollout.advantages[rows],
             mask,
@@ -426,7 +435,7 @@ class PPOModule(L.LightningModule):
         context = batch["input_ids"].shape[1]
         logits, _ = self._forward(query_responses, attention_mask, context)
         ref_logits, _ = self._forward(query_responses, attention_mask, context, reference=True)
-        kl = kl_estimate(token_logprobs(logits, responses), token_logprobs(ref_logits, responses), "k1")
+        kl = kl_estimate(self.logprobs(logits, responses), self.logprobs(ref_logits, responses), "k1")
         prompts = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores = score_responses(self.reward, prompts, texts, device=self.device)
