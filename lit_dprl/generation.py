@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lit_dprl.losses import token_logprobs
 from lit_dprl.models import position_ids_from_mask
 from lit_dprl.rl import response_mask, truncate_after_eos
 
@@ -85,15 +84,14 @@ def sampling_logprobs(
     ``generate`` never samples the pad token, nor EOS before ``min_new_tokens``, so the sampling
     distribution at step t is the softmax of the (temperature-scaled) logits over the allowed tokens A_t:
     ``log q(y_t) = z_t[y_t] − log Σ_{v ∈ A_t} exp z_t[v]``. Scoring with the plain softmax instead biases the
-    policy gradient (its ``∇ log(1 − p_blocked)`` term) and the KL estimates. A blocked token that is itself
-    the target (the padding after EOS, masked out downstream) keeps its logit, so every entry is finite.
+    policy gradient (its ``∇ log(1 − p_blocked)`` term) and the KL estimates. The target's logit is read
+    unmasked, so the padding after EOS (masked out downstream) stays finite.
     """
-    steps, vocab = logits.shape[-2:]
-    blocked = torch.zeros(steps, vocab, dtype=torch.bool, device=logits.device)
-    blocked[:, tokenizer.pad_token_id] = True
-    blocked[:min_new_tokens, tokenizer.eos_token_id] = True
-    blocked = blocked & (torch.arange(vocab, device=logits.device) != tokens.unsqueeze(-1))
-    return token_logprobs(logits.masked_fill(blocked, float("-inf")), tokens)
+    allowed = logits.to(torch.float32, copy=True)
+    allowed[..., tokenizer.pad_token_id] = float("-inf")
+    allowed[:, :min_new_tokens, tokenizer.eos_token_id] = float("-inf")
+    target = torch.gather(logits.float(), -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return target - allowed.logsumexp(dim=-1)
 
 
 def response_logprobs(

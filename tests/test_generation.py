@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lit_dprl.generation import join_prompts_and_responses, response_logits, sampling_logprobs
+from lit_dprl.generation import (
+    join_prompts_and_responses,
+    response_logits,
+    sample_responses,
+    sampling_logprobs,
+)
 from lit_dprl.losses import token_logprobs
 from lit_dprl.models import load_causal_lm, load_tokenizer
 from lit_dprl.rl import response_mask
@@ -18,17 +23,18 @@ def test_sampling_logprobs_equal_the_log_softmax_of_generates_processed_scores()
     encoded = tokenizer(
         ["a b", "the film was", "x"] * 4, return_tensors="pt", padding=True, add_special_tokens=False
     )
+    original_generate, scores = model.generate, []
+
+    def generate_keeping_scores(**kwargs):  # sample_responses's own call, plus the processed scores
+        out = original_generate(**kwargs, output_scores=True, return_dict_in_generate=True)
+        scores.extend(out.scores)
+        return out.sequences
+
+    model.generate = generate_keeping_scores
     torch.manual_seed(0)
-    out = model.generate(  # the call of sample_responses, keeping the processed scores
-        **encoded, do_sample=True, top_k=0, top_p=1.0,
-        temperature=SAMPLING["temperature"], min_new_tokens=SAMPLING["min_new_tokens"],
-        max_new_tokens=SAMPLING["max_new_tokens"], eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, suppress_tokens=[tokenizer.pad_token_id],
-        output_scores=True, return_dict_in_generate=True,
-    )  # fmt: skip
+    raw = sample_responses(model, tokenizer, encoded["input_ids"], encoded["attention_mask"], **SAMPLING)
     context = encoded["input_ids"].shape[1]
-    raw = out.sequences[:, context:]
-    expected = token_logprobs(torch.stack(out.scores, dim=1), raw)
+    expected = token_logprobs(torch.stack(scores, dim=1), raw)
     query_responses, attention_mask, responses, mask, _ = join_prompts_and_responses(
         encoded["input_ids"], encoded["attention_mask"], raw, tokenizer
     )
