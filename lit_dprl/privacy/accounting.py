@@ -7,16 +7,23 @@ batch's mechanism is ``PoissonSampled(q, compose(k × Gaussian(σ)))``. A compos
 mechanisms with multiplier σ is exactly one Gaussian mechanism with multiplier ``σ/√k`` (their privacy
 loss distributions add), so each batch is one Opacus accountant step with ``σ_batch = σ/√k`` at rate q.
 The accountants themselves (PRV, RDP) are Opacus's.
+
+A run's accounting is a *history* of ``(σ_batch, q, batches)`` entries: a resumed run that changes
+the batch size or the number of epochs per batch appends a new entry, and its ε (and the budget left)
+is that of the whole composition, never of the current (σ, q, k) alone.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("prv", "rdp")
+MAX_BATCHES = 10**9  # the search for an unbounded run's last affordable batch stops here
+History = Sequence[tuple[float, float, int]]
 
 
 def batch_noise_multiplier(noise_multiplier: float, noisy_steps_per_example: int) -> float:
@@ -31,17 +38,32 @@ def make_accountant(name: str) -> IAccountant:
     return create_accountant(mechanism=name)
 
 
-def epsilon_after(
-    *, accountant: str, batch_noise: float, sample_rate: float, batches: int, delta: float
-) -> float:
-    """ε spent after ``batches`` Poisson-sampled batches with per-batch multiplier ``batch_noise``."""
-    if batches == 0:
+def epsilon_of(*, accountant: str, history: History, delta: float) -> float:
+    """ε at δ of the composition of ``history``: entries ``(σ_batch, q, batches)``, each ``batches`` ×
+    PoissonSampled(q, Gaussian(σ_batch)); ∞ if any entry with batches > 0 has no noise."""
+    history = [(sigma, q, n) for sigma, q, n in history if n > 0]
+    if not history:
         return 0.0
-    if batch_noise == 0.0:
+    if any(sigma == 0.0 for sigma, _, _ in history):
         return math.inf
     acc = make_accountant(accountant)
-    acc.history = [(batch_noise, sample_rate, batches)]
+    acc.history = history
     return float(acc.get_epsilon(delta=delta))
+
+
+def epsilon_after(
+    *,
+    accountant: str,
+    batch_noise: float,
+    sample_rate: float,
+    batches: int,
+    delta: float,
+    history: History = (),
+) -> float:
+    """ε spent after ``history`` and then ``batches`` Poisson batches with multiplier ``batch_noise`` at rate q."""
+    return epsilon_of(
+        accountant=accountant, history=[*history, (batch_noise, sample_rate, batches)], delta=delta
+    )
 
 
 def calibrate_noise_multiplier(
@@ -66,27 +88,47 @@ def calibrate_noise_multiplier(
 
 
 def max_batches_within(
-    *, budget: float, accountant: str, batch_noise: float, sample_rate: float, delta: float, upper: int
+    *,
+    budget: float,
+    accountant: str,
+    batch_noise: float,
+    sample_rate: float,
+    delta: float,
+    upper: int | None,
+    history: History = (),
 ) -> int:
-    """The largest n ≤ ``upper`` with ε(n batches) ≤ ``budget`` (ε grows with n: binary search)."""
-    if (
-        epsilon_after(
+    """The largest n ≤ ``upper`` (unbounded: None) with ε(history, then n batches) ≤ ``budget``.
+
+    ε grows with n: a doubling search for an unaffordable n when unbounded, then a binary search.
+    """
+
+    def affordable(n: int) -> bool:
+        eps = epsilon_after(
             accountant=accountant,
             batch_noise=batch_noise,
             sample_rate=sample_rate,
-            batches=upper,
+            batches=n,
             delta=delta,
+            history=history,
         )
-        <= budget
-    ):
+        return eps <= budget
+
+    if not affordable(0):
+        return 0
+    if upper is None:
+        high = 1
+        while affordable(high):
+            if high >= MAX_BATCHES:
+                return MAX_BATCHES
+            high *= 2
+    elif affordable(upper):
         return upper
-    low, high = 0, upper  # ε(low) <= budget < ε(high)
+    else:
+        high = upper
+    low = 0  # affordable(low) and not affordable(high)
     while high - low > 1:
         mid = (low + high) // 2
-        eps = epsilon_after(
-            accountant=accountant, batch_noise=batch_noise, sample_rate=sample_rate, batches=mid, delta=delta
-        )
-        if eps <= budget:
+        if affordable(mid):
             low = mid
         else:
             high = mid

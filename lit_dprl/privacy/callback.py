@@ -1,33 +1,41 @@
 """``DPCallback``: DP-SGD for any LightningModule, built on Opacus.
 
-Attach it to a ``Trainer`` and the run trains with per-example clipping, Gaussian noise, Poisson
+Attach it to a ``Trainer`` and the run trains with per-unit clipping, Gaussian noise, Poisson
 sampling and privacy accounting. The module and data carry no DP code; they follow this contract:
 
-1. The training loss is the mean over the batch of per-example losses (one row = one privacy unit);
-   nothing in the loss mixes rows (no batch normalisation, whitening or batch-wide token means).
+1. The training loss is the mean over the batch of per-row losses; nothing in the loss mixes rows
+   (no batch normalisation, whitening or batch-wide token means).
 2. The training data comes from one map-style ``DataLoader`` with an integer ``batch_size``; the
    callback keeps its dataset and ``collate_fn`` and draws batches by Poisson sampling at
-   q = batch_size / N (N = ``len(dataset)``). Empty batches never reach ``training_step``.
+   q = batch_size / N (N = number of privacy units). Empty batches never reach ``training_step``.
 3. Every trainable parameter belongs to the module and is in one of its optimizers.
-4. A manual-optimization module that takes several steps per batch declares it with integer
+4. One backward pass per optimizer step (sum the losses first); the callback refuses a second one.
+5. A manual-optimization module that takes several steps per batch declares it with integer
    attributes ``epochs_per_batch`` (passes over the batch; each example takes part in one step per
    pass — PPO's ``ppo_epochs``) and ``minibatches_per_batch`` (steps per pass; PPO's
    ``num_mini_batches``), and takes exactly that many steps per optimizer, empty minibatches
-   included (skip forward/backward, still call ``step()``). The callback checks the count.
-5. Forwards that are not part of the loss (generation, scoring) run under ``torch.no_grad()``.
-6. A module may list settings that would couple examples in ``privacy_hazards() -> list[str]``;
-   the callback refuses to run while that list is non-empty. If it has an ``export_dir`` (attribute or
-   hyperparameter),
-   ``privacy.json`` is also written there, next to the exported model.
+   included (skip forward/backward, still call ``step()``). The callback checks the number of steps
+   and that no example takes part in more steps than declared.
+6. Forwards that are not part of the loss (generation, scoring) run under ``torch.no_grad()``.
+7. A module may list settings that would couple examples in ``privacy_hazards() -> list[str]``;
+   the callback refuses to run while that list is non-empty. It may describe itself in
+   ``privacy_metadata() -> dict``, which the report stores under ``"stage"``.
+
+The privacy unit is a row (``privacy_unit="row"``) or a user (``"user"``): then users are
+Poisson-sampled at q = batch_size / (number of users), so the DataLoader's ``batch_size`` is the
+expected number of *users* per batch; a sampled user brings all its rows (at most
+``max_rows_per_user``), the per-row gradients of a user are averaged into one per-user gradient,
+which is clipped to C; noise and normalisation are by the expected number of users.
 
 Accounting: one Poisson batch at rate q is one event ``PoissonSampled(q, k × Gaussian(σ))`` with
 k = (number of optimizers) × ``epochs_per_batch`` (see ``accounting.py``). Values logged during
-training (losses, metrics) are not private; only the trained weights carry the guarantee.
+training (losses, metrics, batch sizes) are not private; only the trained weights carry the guarantee.
+The report (``privacy.json``) goes into the run's log dir; the stages export it next to the model
+(``report.write_export``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import warnings
@@ -40,31 +48,38 @@ import opacus
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from opacus.grad_sample import GradSampleHooks
-from opacus.validators import ModuleValidator
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from lit_dprl.privacy.accounting import (
     batch_noise_multiplier,
     calibrate_noise_multiplier,
-    epsilon_after,
+    epsilon_of,
     make_accountant,
     max_batches_within,
 )
 from lit_dprl.privacy.optimizers import make_dp_optimizer
+from lit_dprl.privacy.refusals import (
+    DEFAULT_RANDOMNESS,
+    SECURE_MODE_COST,
+    DPConfigurationError,
+    batch_reuse,
+    forced_batches,
+    refuse_trainer,
+    refuse_unsupported_modules,
+    secure_rng_module,
+)
+from lit_dprl.privacy.report import REPORT_NAME, stage_metadata, write_json_atomic
 from lit_dprl.privacy.sampling import EmptyBatch, PoissonBatchSampler, PoissonDataLoader, derive_seed
+from lit_dprl.privacy.units import TrainingUnits, chunk_bounds, training_units
+
+__all__ = ["DPCallback", "DPConfigurationError"]
 
 # Opacus's hooks make torch warn on every backward when the inputs need no grad (frozen embeddings, LoRA);
 # the per-example gradients are right all the same (see the tests), so the message is only noise.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-
-
-class DPConfigurationError(ValueError):
-    """A configuration that would silently break the differential-privacy guarantee."""
 
 
 def _tensors(batch: Any) -> list[torch.Tensor]:
@@ -83,22 +98,29 @@ class DPCallback(Callback):
     Args:
         target_epsilon: calibrate σ so that the planned run (``max_steps``/``max_epochs``) spends this ε.
         noise_multiplier: use this σ instead (exactly one of the two must be given).
-        target_delta: δ; defaults to 1/N (N = training examples). A δ above 1/N is refused.
-        max_grad_norm: per-example clipping norm C.
+        target_delta: δ; defaults to N^-1.1 (N = privacy units), strictly below 1/N. A δ ≥ 1/N is
+            used only when given here, with a warning in the report.
+        max_grad_norm: per-unit clipping norm C.
         accountant: "prv" (Gopi et al., as in the paper) or "rdp".
         poisson_sampling: draw each batch by Poisson sampling (what the accountant assumes). With
             False the user's shuffled fixed-size batches are kept and the reported ε is the usual
             approximation that treats them as Poisson samples.
-        max_epsilon: stop training before a batch would make ε exceed this budget; defaults to
-            ``target_epsilon`` (so a resumed or extended run never overspends).
+        max_epsilon: a hard budget: training stops before a batch would make ε exceed it, and a run
+            that ``min_steps``/``min_epochs`` would force past it is refused; defaults to
+            ``target_epsilon``. A resumed run's budget counts the restored accounting history.
         sampling_seed: fixed seed for Poisson sampling. Default: a secret random seed. The guarantee
             assumes the sampling and noise randomness is secret: fix seeds only for reproducible tests.
         noise_seed: fixed seed for the Gaussian noise (default: a secret random seed).
         report_name: file written into the run's log dir at the end of fit.
-        max_physical_batch_size: split each sampled batch into chunks of at most this many examples
-            (automatic optimization): per-example gradients of all chunks are clipped and summed, and the
-            noise is added once, so the step is the same as on the whole batch, in less memory. This is
-            the DP replacement for ``accumulate_grad_batches``.
+        max_physical_batch_size: split each sampled batch into chunks of at most this many rows
+            (automatic optimization; a user's rows stay in one chunk): per-unit gradients of all chunks
+            are clipped and summed, and the noise is added once, so the step is the same as on the whole
+            batch, in less memory. This is the DP replacement for ``accumulate_grad_batches``.
+        secure_mode: draw sampling and noise from a cryptographically secure generator (needs
+            torchcsprng; refused where it is missing) with Opacus's floating-point-safe noise.
+        privacy_unit: "row" (one training row) or "user" (all rows sharing ``user_id_field``).
+        user_id_field: the dataset's user id column (see ``sampling.dataset_user_ids``).
+        max_rows_per_user: under "user", use at most this many rows of each user (its first ones).
     """
 
     def __init__(
@@ -112,8 +134,12 @@ class DPCallback(Callback):
         max_epsilon: float | None = None,
         sampling_seed: int | None = None,
         noise_seed: int | None = None,
-        report_name: str = "privacy.json",
+        report_name: str = REPORT_NAME,
         max_physical_batch_size: int | None = None,
+        secure_mode: bool = False,
+        privacy_unit: Literal["row", "user"] = "row",
+        user_id_field: str = "user_id",
+        max_rows_per_user: int | None = None,
     ) -> None:
         if (target_epsilon is None) == (noise_multiplier is None):
             raise DPConfigurationError(
@@ -131,6 +157,21 @@ class DPCallback(Callback):
             raise DPConfigurationError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
         if target_delta is not None and not 0 < target_delta < 1:
             raise DPConfigurationError(f"target_delta must be in (0, 1), got {target_delta}")
+        if privacy_unit not in ("row", "user"):
+            raise DPConfigurationError(f"privacy_unit must be 'row' or 'user', got {privacy_unit!r}")
+        if max_rows_per_user is not None and (privacy_unit != "user" or max_rows_per_user < 1):
+            raise DPConfigurationError(
+                "max_rows_per_user must be a positive integer and needs privacy_unit='user'"
+            )
+        if privacy_unit == "user" and not poisson_sampling:
+            raise DPConfigurationError(
+                "privacy_unit='user' samples users by Poisson sampling: keep poisson_sampling"
+            )
+        self._secure_rng = None
+        if secure_mode:
+            if sampling_seed is not None or noise_seed is not None:
+                raise DPConfigurationError("secure_mode draws from the OS's secure generator: give no seeds")
+            self._secure_rng = secure_rng_module().create_random_device_generator("/dev/urandom")
         make_accountant(accountant)  # validates the name
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
@@ -142,20 +183,23 @@ class DPCallback(Callback):
         self.noise_seed = noise_seed
         self.report_name = report_name
         self.max_physical_batch_size = max_physical_batch_size
+        self.secure_mode = secure_mode
+        self.privacy_unit = privacy_unit
+        self.user_id_field = user_id_field
+        self.max_rows_per_user = max_rows_per_user
 
         self._noise_multiplier = noise_multiplier
         self._accountant = make_accountant(accountant)
         self._batches = 0
         self._optimizer_steps = 0
-        self._dataset_size: int | None = None
-        self._batch_size: int | None = None
-        self._sample_rate: float | None = None
-        self._delta: float | None = None
+        self._data: TrainingUnits | None = None
+        self._warnings: list[str] = []
         self._restored: dict[str, Any] | None = None
         self._sampler: PoissonBatchSampler | None = None
         self._hooks: GradSampleHooks | None = None
         self._dp_optimizers: list = []
         self._steps_at_batch_start: list[int] = []
+        self._row_units: list[int] | None = None
         self._batch_accounted = True
         self._max_batches: int | None = None
         self._planned_batches: int | None = None
@@ -164,16 +208,21 @@ class DPCallback(Callback):
         self._unpatch: list[Callable[[], None]] = []
         self._world_size = 1
         self._report_dir: str | None = None
+        self._module: pl.LightningModule | None = None
+        self._epochs_per_batch = 1
+        self._minibatches_per_batch = 1
+        self._noisy_steps_per_example = 1
+        self._optimizer_steps_per_batch = 1
 
     # ------------------------------------------------------------------ public read-only state
     @property
     def epsilon(self) -> float:
-        """ε spent so far (at ``delta``)."""
-        if self._batches == 0 or self._delta is None:
+        """ε spent so far (at ``delta``), over the whole accounting history (resumed runs included)."""
+        if self._batches == 0 or self.delta is None:
             return 0.0
         if self._epsilon_cache[0] != self._batches:
-            eps = (
-                float(self._accountant.get_epsilon(delta=self._delta)) if self.noise_multiplier else math.inf
+            eps = epsilon_of(
+                accountant=self.accountant_name, history=self._accountant.history, delta=self.delta
             )
             self._epsilon_cache = (self._batches, eps)
         return self._epsilon_cache[1]
@@ -181,7 +230,7 @@ class DPCallback(Callback):
     @property
     def delta(self) -> float | None:
         """δ of the guarantee (known once the training set size is)."""
-        return self._delta
+        return None if self._data is None else self._data.delta
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -190,8 +239,8 @@ class DPCallback(Callback):
 
     @property
     def sample_rate(self) -> float | None:
-        """q = batch_size / N, the Poisson sampling rate."""
-        return self._sample_rate
+        """q = batch_size / N, the Poisson sampling rate of privacy units."""
+        return None if self._data is None else self._data.sample_rate
 
     @property
     def steps(self) -> int:
@@ -202,45 +251,15 @@ class DPCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if sum(isinstance(cb, DPCallback) for cb in trainer.callbacks) > 1:
-            raise DPConfigurationError(
-                "more than one DPCallback is attached to this Trainer; attach exactly one"
-            )
-        if getattr(pl_module, "_lit_dprl_dp_callback", None) is not None:
-            raise DPConfigurationError(
-                "this LightningModule already has DP hooks attached (by another DPCallback or an unfinished "
-                "fit); attach one DPCallback and let each fit finish"
-            )
-        if hasattr(pl_module, "autograd_grad_sample_hooks"):
-            raise DPConfigurationError("this LightningModule already carries Opacus hooks; remove them first")
-        if trainer.accumulate_grad_batches != 1:
-            raise DPConfigurationError(
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches} is refused under DP: accumulating "
-                "Poisson batches changes the sampling the accountant assumes. Set accumulate_grad_batches=1 and "
-                "raise the DataModule's batch_size instead (the Poisson rate is q = batch_size / N); if memory is "
-                "the limit, set DPCallback(max_physical_batch_size=...)."
-            )
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise DPConfigurationError(
-                f"precision={trainer.precision!r} uses a GradScaler: per-example gradients would be clipped in "
-                "scaled units. Use precision='32-true' or 'bf16-mixed'."
-            )
-        if (
-            not isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy)
-            or "fsdp" in type(trainer.strategy).__name__.lower()
-        ):
-            raise DPConfigurationError(
-                f"strategy {type(trainer.strategy).__name__} is not supported by DPCallback; use a single "
-                "device or strategy='ddp' (or 'ddp_spawn')"
-            )
-        hazards = pl_module.privacy_hazards() if hasattr(pl_module, "privacy_hazards") else []
-        if hazards:
-            raise DPConfigurationError(
-                "settings that break the per-example guarantee: "
-                + "; ".join(hazards)
-                + ". Turn them off for a private run (they remain available without DPCallback)."
-            )
+        refuse_trainer(trainer, pl_module, DPCallback)
         self._world_size = trainer.world_size
+        if self.secure_mode and trainer.world_size > 1:
+            raise DPConfigurationError(
+                "secure_mode draws each Poisson sample from the OS's generator, which ranks cannot share: "
+                "use one device with secure_mode"
+            )
+        self._module = pl_module
+        self._warnings = []
         pl_module._lit_dprl_dp_callback = self
         self._unpatch.append(lambda: delattr(pl_module, "_lit_dprl_dp_callback"))
         self._patch_training_step(pl_module)
@@ -267,48 +286,55 @@ class DPCallback(Callback):
             raise DPConfigurationError(
                 "the training DataLoader must have an integer batch_size (the expected Poisson batch size)"
             )
-        try:
-            n = len(loader.dataset)
-        except TypeError as err:
-            raise DPConfigurationError("the training dataset must be map-style with a length") from err
-        self._set_data_size(n, loader.batch_size)
+        data = self._set_data(loader.dataset, loader.batch_size)
         sampler = PoissonBatchSampler(
-            num_samples=n,
-            sample_rate=self._sample_rate,
-            num_batches=max(1, round(1 / self._sample_rate)),
+            num_samples=data.num_units,
+            sample_rate=data.sample_rate,
+            num_batches=max(1, round(1 / data.sample_rate)),
             seed=self._shared_sampling_seed(trainer),
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             batches_drawn=self._restored["batches_drawn"] if self._restored else 0,
+            units=data.rows_of_unit,
+            generator=self._secure_rng,
         )
         self._sampler = sampler
         return PoissonDataLoader(loader, sampler)
 
     def _shared_sampling_seed(self, trainer: pl.Trainer) -> int:
-        seed = self.sampling_seed if self.sampling_seed is not None else _secret_seed()
-        return trainer.strategy.broadcast(seed, src=0)
+        if self.sampling_seed is not None:
+            return self.sampling_seed
+        seed = torch.tensor([_secret_seed()], dtype=torch.int64)
+        if trainer.world_size > 1:  # every rank must draw the same global samples
+            seed = trainer.strategy.broadcast(seed, src=0)
+        return int(seed.item())
 
-    def _set_data_size(self, n: int, global_batch_size: int) -> None:
-        if global_batch_size > n:
+    def _set_data(self, dataset: Any, global_batch_size: int) -> TrainingUnits:
+        """N (privacy units), q, δ and the user grouping from the training data; warnings into the report."""
+        data = training_units(
+            dataset,
+            global_batch_size,
+            privacy_unit=self.privacy_unit,
+            user_id_field=self.user_id_field,
+            max_rows_per_user=self.max_rows_per_user,
+            target_delta=self.target_delta,
+        )
+        if self._restored and self._restored["dataset_size"] != data.num_units:
             raise DPConfigurationError(
-                f"batch_size {global_batch_size} exceeds the {n} training examples; use a smaller batch_size"
+                f"the checkpoint was trained on {self._restored['dataset_size']} privacy units but the training "
+                f"set now has {data.num_units}: resuming on different data invalidates the privacy accounting"
             )
-        if self._restored and self._restored["dataset_size"] != n:
-            raise DPConfigurationError(
-                f"the checkpoint was trained on {self._restored['dataset_size']} examples but the training set now "
-                f"has {n}: resuming on different data invalidates the privacy accounting"
-            )
-        self._dataset_size = n
-        self._batch_size = global_batch_size
-        self._sample_rate = global_batch_size / n
-        delta = self.target_delta if self.target_delta is not None else 1.0 / n
-        if delta > 1.0 / n:
-            raise DPConfigurationError(
-                f"target_delta={delta:g} is above 1/N = {1.0 / n:g} (N = {n} training examples): such a δ allows "
-                "releasing a whole example. Use target_delta <= 1/N (the default is 1/N)."
-            )
-        self._delta = delta
+        self._data = data
+        for message in data.warnings:
+            self._warn(message)
+        return data
 
+    def _warn(self, message: str) -> None:
+        if message not in self._warnings:
+            self._warnings.append(message)
+            rank_zero_warn(f"DPCallback: {message}")
+
+    # ------------------------------------------------------------------ the training step: empty batches, chunks
     def _patch_training_step(self, pl_module: pl.LightningModule) -> None:
         original = pl_module.training_step
 
@@ -327,55 +353,44 @@ class DPCallback(Callback):
     def _accumulate_leading_chunks(
         self, batch: Any, training_step: Callable, args: tuple, kwargs: dict
     ) -> Any:
-        """Run all but the last chunk of ``batch`` here, clipping and summing their per-example gradients into
+        """Run all but the last chunk of ``batch`` here, clipping and summing their per-unit gradients into
         the DP optimizer (a skipped step); return the last chunk for Lightning's usual step, which adds noise."""
         sizes = {len(t) for t in _tensors(batch)}
         if len(sizes) != 1:
             raise DPConfigurationError(
                 "max_physical_batch_size needs a batch of tensors sharing their first dimension"
             )
-        size = sizes.pop()
-        starts = list(range(0, size, self.max_physical_batch_size))
+        bounds = chunk_bounds(sizes.pop(), self.max_physical_batch_size, self._row_units)
         (optimizer,) = self._dp_optimizers
         optimizer.zero_grad()  # Lightning zeroes only after training_step; the chunks below come first
-        for start in starts[:-1]:
-            chunk = apply_to_collection(
-                batch, torch.Tensor, lambda t, s=start: t[s : s + self.max_physical_batch_size]
-            )
+        for begin, end in bounds[:-1]:
+            self._set_step_units(optimizer, begin, end)
+            chunk = apply_to_collection(batch, torch.Tensor, lambda t, b=begin, e=end: t[b:e])
             loss = training_step(chunk, *args, **kwargs)
             (loss["loss"] if isinstance(loss, dict) else loss).backward()
             optimizer.signal_skip_step(do_skip=True)
             optimizer.step()
             optimizer.zero_grad()
-        return apply_to_collection(batch, torch.Tensor, lambda t: t[starts[-1] :])
+        begin, end = bounds[-1]
+        self._set_step_units(optimizer, begin, end)
+        return apply_to_collection(batch, torch.Tensor, lambda t: t[begin:end])
+
+    def _set_step_units(self, optimizer: Any, begin: int, end: int) -> None:
+        """Under "user": tell the optimizer the user (0, 1, ...) of each row of ``batch[begin:end]``."""
+        if self._row_units is not None:
+            units = torch.tensor(self._row_units[begin:end], dtype=torch.long)
+            optimizer.row_units = units - units[0] if len(units) else units
 
     def _noise_only_manual_steps(self, pl_module: pl.LightningModule) -> None:
         optimizers = pl_module.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        for _ in range(self._steps_per_batch(pl_module)):
+        for _ in range(self._epochs_per_batch * self._minibatches_per_batch):
             for optimizer in optimizers:
                 optimizer.zero_grad()
                 optimizer.step()
 
-    @staticmethod
-    def _batch_reuse(pl_module: pl.LightningModule) -> tuple[int, int]:
-        epochs = getattr(pl_module, "epochs_per_batch", 1)
-        minibatches = getattr(pl_module, "minibatches_per_batch", 1)
-        for name, value in (("epochs_per_batch", epochs), ("minibatches_per_batch", minibatches)):
-            if not isinstance(value, int) or value < 1:
-                raise DPConfigurationError(f"{name} must be a positive integer, got {value!r}")
-        if pl_module.automatic_optimization and (epochs, minibatches) != (1, 1):
-            raise DPConfigurationError(
-                "epochs_per_batch/minibatches_per_batch > 1 need manual optimization (one step per batch otherwise)"
-            )
-        return epochs, minibatches
-
-    def _steps_per_batch(self, pl_module: pl.LightningModule) -> int:
-        epochs, minibatches = self._batch_reuse(pl_module)
-        return epochs * minibatches
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._refuse_unsupported_modules(pl_module)
+        refuse_unsupported_modules(pl_module)
         try:
             self._hooks = GradSampleHooks(pl_module, batch_first=True, loss_reduction="mean", strict=True)
         except NotImplementedError as err:
@@ -391,55 +406,55 @@ class DPCallback(Callback):
             ddp.require_backward_grad_sync = False
             ddp.require_forward_param_sync = False
 
-    def _refuse_unsupported_modules(self, pl_module: pl.LightningModule) -> None:
-        errors = [
-            str(e) for e in ModuleValidator.validate(pl_module, strict=False) if "training mode" not in str(e)
-        ]
-        errors += [
-            f"{name} ({type(m).__name__}) normalises with batch statistics, which couples examples"
-            for name, m in pl_module.named_modules()
-            if isinstance(m, _BatchNorm) and m.training
-        ]
-        if errors:
-            raise DPConfigurationError(
-                "modules that per-example clipping cannot handle: "
-                + "; ".join(errors)
-                + ". Replace them (e.g. opacus.validators.ModuleValidator.fix turns BatchNorm into GroupNorm)."
-            )
-        module_params = {id(p) for p in pl_module.parameters()}
-        for optimizer in pl_module.trainer.strategy.optimizers:
-            for group in optimizer.param_groups:
-                if any(p.requires_grad and id(p) not in module_params for p in group["params"]):
-                    raise DPConfigurationError(
-                        "an optimizer holds trainable parameters that are not in the LightningModule; Opacus "
-                        "only computes per-example gradients for the module's own parameters"
-                    )
-
     # ------------------------------------------------------------------ train start: σ, optimizers, budget
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report_dir = trainer.log_dir  # a collective under DDP: read it on every rank, here
+        self._remove_stale_report(trainer)
         if not self.poisson_sampling:
             loader = trainer.train_dataloader
             batch_size = getattr(loader, "batch_size", None)
             if not isinstance(batch_size, int):
                 raise DPConfigurationError("the training DataLoader must have an integer batch_size")
-            self._set_data_size(len(loader.dataset), batch_size * trainer.world_size)
-            rank_zero_warn(
-                "DPCallback(poisson_sampling=False): batches are shuffled, not Poisson-sampled; the reported ε treats "
-                "them as Poisson samples at q = batch/N, an approximation the guarantee does not cover exactly."
+            self._set_data(loader.dataset, batch_size * trainer.world_size)
+            self._warn(
+                "poisson_sampling=False: batches are shuffled, not Poisson-sampled; the reported ε treats them as "
+                "Poisson samples at q = batch/N, an approximation the guarantee does not cover exactly"
             )
-        epochs, minibatches = self._batch_reuse(pl_module)
+        self._epochs_per_batch, self._minibatches_per_batch = batch_reuse(pl_module)
         if self.max_physical_batch_size and not pl_module.automatic_optimization:
             raise DPConfigurationError(
                 "max_physical_batch_size works with automatic optimization; a manual-optimization module takes its "
                 "own steps (PPO: use more num_mini_batches or a smaller batch)"
             )
+        if self.privacy_unit == "user" and not pl_module.automatic_optimization:
+            raise DPConfigurationError(
+                "privacy_unit='user' needs automatic optimization (one backward over the batch's rows per step), "
+                "so that each user's rows can be grouped; this module optimizes manually"
+            )
         optimizers = trainer.strategy.optimizers
         if not optimizers:
             raise DPConfigurationError("the module configures no optimizer; DP needs one to add noise")
-        self._noisy_steps_per_example = len(optimizers) * epochs
-        self._optimizer_steps_per_batch = len(optimizers) * epochs * minibatches
+        self._noisy_steps_per_example = len(optimizers) * self._epochs_per_batch
+        self._optimizer_steps_per_batch = self._noisy_steps_per_example * self._minibatches_per_batch
         self._planned_batches = self._plan_batches(trainer)
+        self._set_noise_multiplier()
+        expected_local_batch = self._data.batch_size / (self._minibatches_per_batch * trainer.world_size)
+        self._dp_optimizers = [
+            make_dp_optimizer(
+                opt,
+                noise_multiplier=self._noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                expected_batch_size=expected_local_batch,
+                distributed=trainer.world_size > 1,
+                generator=self._noise_generator(pl_module),
+                secure_mode=self.secure_mode,
+            )
+            for opt in optimizers
+        ]
+        trainer.strategy.optimizers = self._dp_optimizers
+        self._set_budget(trainer)
+
+    def _set_noise_multiplier(self) -> None:
         if self._restored is not None:
             self._noise_multiplier = self._restored["noise_multiplier"]
         elif self.target_epsilon is not None:
@@ -450,34 +465,19 @@ class DPCallback(Callback):
                 )
             self._noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=self.target_epsilon,
-                delta=self._delta,
-                sample_rate=self._sample_rate,
+                delta=self.delta,
+                sample_rate=self.sample_rate,
                 batches=self._planned_batches,
                 noisy_steps_per_example=self._noisy_steps_per_example,
                 accountant=self.accountant_name,
             )
-        expected_local_batch = self._dataset_size * self._sample_rate / (minibatches * trainer.world_size)
+
+    def _noise_generator(self, pl_module: pl.LightningModule) -> Any:
+        if self._secure_rng is not None:
+            return self._secure_rng
         generator = torch.Generator(device=pl_module.device)
         seed = self.noise_seed if self.noise_seed is not None else _secret_seed()
-        generator.manual_seed(derive_seed(seed, self._batches))
-        self._dp_optimizers = [
-            make_dp_optimizer(
-                opt,
-                noise_multiplier=self._noise_multiplier,
-                max_grad_norm=self.max_grad_norm,
-                expected_batch_size=expected_local_batch,
-                distributed=trainer.world_size > 1,
-                generator=generator,
-            )
-            for opt in optimizers
-        ]
-        trainer.strategy.optimizers = self._dp_optimizers
-        self._max_batches = self._budget_limit()
-        if self._max_batches is not None and self._max_batches <= self._batches:
-            raise DPConfigurationError(
-                f"the privacy budget ε={self.max_epsilon} allows no further step (spent {self.epsilon:.3f} in "
-                f"{self._batches} batches at σ={self._noise_multiplier:.4g}); raise max_epsilon or the noise"
-            )
+        return generator.manual_seed(derive_seed(seed, self._batches))
 
     def _plan_batches(self, trainer: pl.Trainer) -> int | None:
         plans = []
@@ -488,26 +488,67 @@ class DPCallback(Callback):
             plans.append(max_epochs * int(trainer.num_training_batches))
         return min(plans) if plans else None
 
-    def _budget_limit(self) -> int | None:
+    def _set_budget(self, trainer: pl.Trainer) -> None:
+        """The last batch ``max_epsilon`` allows, composing the restored history with this run's batches."""
         if self.max_epsilon is None:
-            return None
-        batch_noise = batch_noise_multiplier(self._noise_multiplier, self._noisy_steps_per_example)
-        upper = max(self._planned_batches or 0, self._batches + 1)
-        return max_batches_within(
+            self._max_batches = None
+            return
+        upper = None if self._planned_batches is None else max(self._planned_batches - self._batches, 1)
+        affordable = max_batches_within(
             budget=self.max_epsilon,
             accountant=self.accountant_name,
-            batch_noise=batch_noise,
-            sample_rate=self._sample_rate,
-            delta=self._delta,
+            batch_noise=batch_noise_multiplier(self._noise_multiplier, self._noisy_steps_per_example),
+            sample_rate=self.sample_rate,
+            delta=self.delta,
             upper=upper,
+            history=self._accountant.history,
         )
+        self._max_batches = self._batches + affordable
+        if affordable == 0:
+            raise DPConfigurationError(
+                f"the privacy budget ε={self.max_epsilon} allows no further step (spent {self.epsilon:.3f} in "
+                f"{self._batches} batches at σ={self._noise_multiplier:.4g}); raise max_epsilon or the noise"
+            )
+        forced = forced_batches(trainer, self._optimizer_steps_per_batch)
+        if forced > self._max_batches:
+            raise DPConfigurationError(
+                f"trainer min_steps={trainer.fit_loop.min_steps} / min_epochs={trainer.fit_loop.min_epochs} force "
+                f"{forced} batches, but max_epsilon={self.max_epsilon} allows only {self._max_batches} (Lightning "
+                "ignores a stop before the minimum): lower min_steps/min_epochs or raise max_epsilon or the noise"
+            )
+
+    @rank_zero_only
+    def _remove_stale_report(self, trainer: pl.Trainer) -> None:
+        (Path(self._report_dir or trainer.default_root_dir) / self.report_name).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ per batch: check, account, log
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._max_batches is not None and self._batches >= self._max_batches:
+            raise RuntimeError(
+                f"DPCallback: another batch would exceed max_epsilon={self.max_epsilon} (ε={self.epsilon:.4g} after "
+                f"{self._batches} batches); training stops here"
+            )
         self._steps_at_batch_start = [opt.noisy_steps for opt in self._dp_optimizers]
         self._batch_accounted = False
+        units = self._units_in(batch)
+        for opt in self._dp_optimizers:
+            opt.start_batch(units, self._epochs_per_batch)
+            self._set_step_units(opt, 0, len(self._row_units or ()))
+
+    def _units_in(self, batch: Any) -> int | None:
+        """The privacy units of this batch (on this rank); sets ``_row_units`` under "user"."""
+        if self._sampler is None:
+            sizes = {len(t) for t in _tensors(batch)}
+            return sizes.pop() if len(sizes) == 1 else None
+        if not self._sampler.pending:
+            raise RuntimeError(
+                "DPCallback lost track of the Poisson batches: a batch arrived that was not sampled"
+            )
+        row_units = self._sampler.pending.popleft()
+        self._row_units = row_units if self.privacy_unit == "user" else None
+        return (row_units[-1] + 1) if row_units else 0
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -535,7 +576,7 @@ class DPCallback(Callback):
     def _account_batch(self) -> None:
         self._accountant.step(
             noise_multiplier=batch_noise_multiplier(self._noise_multiplier, self._noisy_steps_per_example),
-            sample_rate=self._sample_rate,
+            sample_rate=self.sample_rate,
         )
         self._batches += 1
         self._optimizer_steps += self._optimizer_steps_per_batch
@@ -551,7 +592,7 @@ class DPCallback(Callback):
         pl_module.log(
             "dp/noise_multiplier", self._noise_multiplier, on_step=True, on_epoch=False, batch_size=1
         )
-        pl_module.log("dp/sample_rate", self._sample_rate, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("dp/sample_rate", self.sample_rate, on_step=True, on_epoch=False, batch_size=1)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -562,13 +603,12 @@ class DPCallback(Callback):
         )
         if partial_batch and not self._batch_accounted:
             self._account_batch()  # noisy updates of this batch were already made: count the batch
-        if self._delta is not None and self._noise_multiplier is not None:
+        if self.delta is not None and self._noise_multiplier is not None:
             self._write_report(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._delta is not None:
-            export_dir = getattr(pl_module, "export_dir", None) or pl_module.hparams.get("export_dir")
-            self._write_report(trainer, export_dir)
+        if self.delta is not None:
+            self._write_report(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -579,56 +619,59 @@ class DPCallback(Callback):
 
     # ------------------------------------------------------------------ report and checkpoint
     def report(self) -> dict[str, Any]:
-        """What ``privacy.json`` holds: the guarantee and every parameter needed to recompute it."""
-        noisy_steps = getattr(self, "_noisy_steps_per_example", 1)
-        return {
+        """What ``privacy.json`` holds: the guarantee, every parameter needed to recompute it, and warnings."""
+        history = [(float(s), float(q), int(n)) for s, q, n in self._accountant.history]
+        sigma = self._noise_multiplier
+        report = {
+            "differentially_private": math.isfinite(self.epsilon),
             "epsilon": self.epsilon,
-            "delta": self._delta,
+            "delta": self.delta,
+            "delta_rule": self._data.delta_rule,
+            "privacy_unit": self._data.description,
+            "neighbouring_relation": f"add or remove one privacy unit ({self.privacy_unit})",
             "accountant": self.accountant_name,
-            "noise_multiplier": self._noise_multiplier,
-            "batch_noise_multiplier": batch_noise_multiplier(self._noise_multiplier, noisy_steps),
-            "noisy_steps_per_example_per_batch": noisy_steps,
-            "sample_rate": self._sample_rate,
+            "noise_multiplier": sigma,
+            "batch_noise_multiplier": batch_noise_multiplier(sigma, self._noisy_steps_per_example),
+            "epochs_per_batch": self._epochs_per_batch,
+            "minibatches_per_batch": self._minibatches_per_batch,
+            "noisy_steps_per_example_per_batch": self._noisy_steps_per_example,
+            "sample_rate": self.sample_rate,
             "steps": self._batches,
             "optimizer_steps": self._optimizer_steps,
+            "accounting_history": [
+                {"batch_noise_multiplier": s, "sample_rate": q, "batches": n} for s, q, n in history
+            ],
             "max_grad_norm": self.max_grad_norm,
-            "dataset_size": self._dataset_size,
-            "expected_batch_size": self._batch_size,
+            "dataset_size": self._data.num_units,
+            "dataset_rows": self._data.num_rows,
+            "expected_batch_size": self._data.batch_size,
             "poisson_sampling": self.poisson_sampling,
             "target_epsilon": self.target_epsilon,
             "max_epsilon": self.max_epsilon,
             "stopped_by_budget": self._stopped_by_budget,
-            "epsilon_rdp": epsilon_after(
-                accountant="rdp",
-                batch_noise=batch_noise_multiplier(self._noise_multiplier, noisy_steps),
-                sample_rate=self._sample_rate,
-                batches=self._batches,
-                delta=self._delta,
-            ),
+            "epsilon_rdp": epsilon_of(accountant="rdp", history=history, delta=self.delta),
             "world_size": self._world_size,
             "secret_randomness": self.sampling_seed is None and self.noise_seed is None,
-            "mechanism": (
-                f"{self._batches} × PoissonSampled(q={self._sample_rate:.6g}, {noisy_steps} × Gaussian(σ="
-                f"{self._noise_multiplier:.6g}, sensitivity C={self.max_grad_norm:g}))"
-            ),
-            "privacy_unit": "one training example (one row of the training dataset)",
+            "secure_mode": self.secure_mode,
+            "randomness": SECURE_MODE_COST if self.secure_mode else DEFAULT_RANDOMNESS,
+            "mechanism": " ∘ ".join(
+                f"{n} × PoissonSampled(q={q:.6g}, Gaussian(σ_batch={s:.6g}))" for s, q, n in history
+            )
+            + f"; each batch is {self._noisy_steps_per_example} steps of Gaussian(σ={sigma:.6g}) at sensitivity "
+            f"C={self.max_grad_norm:g}",
+            "warnings": list(self._warnings),
             "opacus_version": opacus.__version__,
         }
+        metadata = stage_metadata(self._module) if self._module is not None else None
+        if metadata is not None:
+            report["stage"] = metadata
+        return report
 
     @rank_zero_only
-    def _write_report(self, trainer: pl.Trainer, export_dir: str | None = None) -> None:
-        """Write the report into the log dir and, next to the exported model, into ``export_dir``."""
-        text = json.dumps(self.report(), indent=2, ensure_ascii=False) + "\n"
-        directories = [Path(self._report_dir or trainer.default_root_dir)]
-        if export_dir:
-            directories.append(Path(export_dir))
-        for directory in directories:
-            directory.mkdir(parents=True, exist_ok=True)
-            target = directory / self.report_name
-            tmp = target.with_suffix(target.suffix + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(target)
-        self.report_path = directories[0] / self.report_name
+    def _write_report(self, trainer: pl.Trainer) -> None:
+        """Write the report into the run's log dir (the stages export it next to the model)."""
+        self.report_path = Path(self._report_dir or trainer.default_root_dir) / self.report_name
+        write_json_atomic(self.report_path, self.report())
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -636,9 +679,9 @@ class DPCallback(Callback):
             "batches": self._batches,
             "optimizer_steps": self._optimizer_steps,
             "noise_multiplier": self._noise_multiplier,
-            "sample_rate": self._sample_rate,
-            "dataset_size": self._dataset_size,
-            "delta": self._delta,
+            "sample_rate": self.sample_rate,
+            "dataset_size": None if self._data is None else self._data.num_units,
+            "delta": self.delta,
             "batches_drawn": self._sampler.batches_drawn if self._sampler else self._batches,
             "accountant_name": self.accountant_name,
         }

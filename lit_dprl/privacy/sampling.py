@@ -6,11 +6,17 @@ and hang in ``all_reduce``. Here one *global* Bernoulli(q) mask over all N examp
 step from a generator that every rank seeds identically; each rank then takes every ``world_size``-th
 sampled index. The union over ranks is exactly a Poisson sample of the dataset, every rank yields
 the same number of batches (empty ones included), and the only state is a seed and a step counter.
+
+The sampled unit is a row by default. For user-level DP the sampler is given ``units`` (the row
+indices of each user): a Bernoulli(q) draw per *user*, and a sampled user brings all its rows, which
+the sampler yields next to each other. For every batch it records which unit each row belongs to
+(``pending``), so the callback can group per-row gradients into per-unit ones.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -48,6 +54,13 @@ class PoissonBatchSampler(Sampler[list[int]]):
         rank: this process's rank; world_size: number of processes.
         batches_drawn: how many batches earlier passes (or an interrupted run) already drew; each pass
             starts a fresh generator from ``(seed, batches_drawn)`` so no draw is ever repeated.
+        units: the row indices of each privacy unit (user); None: every row is its own unit. With
+            units, ``num_samples`` is the number of units and q is the rate at which units are drawn.
+        generator: draw from this generator (e.g. a cryptographically secure one) instead of one seeded
+            from ``(seed, batches_drawn)``; batches are then neither reproducible nor shared by ranks.
+
+    ``pending`` holds, for each batch yielded and not yet taken by the callback, the unit (0, 1, ...
+    in order of appearance) of each of its rows; the DataLoader yields batches in the order drawn.
     """
 
     def __init__(
@@ -59,9 +72,13 @@ class PoissonBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         batches_drawn: int = 0,
+        units: Sequence[Sequence[int]] | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         if num_samples < 1:
             raise ValueError("Poisson sampling needs at least one training example")
+        if units is not None and len(units) != num_samples:
+            raise ValueError(f"got {len(units)} units for num_samples={num_samples}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
         self.num_samples = num_samples
@@ -71,17 +88,29 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.batches_drawn = batches_drawn
+        self.units = units
+        self.generator = generator
+        self.pending: deque[list[int]] = deque()
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.batches_drawn))
+        generator = self.generator or torch.Generator().manual_seed(
+            derive_seed(self.seed, self.batches_drawn)
+        )
+        self.pending.clear()  # a new pass: every batch of the previous one was trained on or dropped
         for _ in range(self.num_batches):
             mask = torch.rand(self.num_samples, generator=generator) < self.sample_rate
             self.batches_drawn += 1
-            sampled = mask.nonzero().flatten()
-            yield sampled[self.rank :: self.world_size].tolist()
+            sampled = mask.nonzero().flatten()[self.rank :: self.world_size].tolist()
+            if self.units is None:
+                self.pending.append(list(range(len(sampled))))
+                yield sampled
+            else:
+                rows = [list(self.units[u]) for u in sampled]
+                self.pending.append([unit for unit, unit_rows in enumerate(rows) for _ in unit_rows])
+                yield [row for unit_rows in rows for row in unit_rows]
 
 
 class _CollateOrEmpty:

@@ -29,6 +29,7 @@ from lit_dprl.models import (
     position_ids_from_mask,
     sequence_classifier_from_causal_lm,
 )
+from lit_dprl.privacy.report import export_after_fit
 
 SENTIMENT_LABELS = ("negative", "positive")
 
@@ -180,6 +181,5 @@ class ClassifierModule(L.LightningModule):
         return directory
 
     def on_fit_end(self) -> None:
-        """Export to ``export_dir`` (global rank zero only) when it is set."""
-        if self.hparams.export_dir is not None and self.trainer.is_global_zero:
-            self.export(self.hparams.export_dir)
+        """Export with its ``privacy.json`` to ``export_dir`` (global rank zero only) when it is set."""
+        export_after_fit(self, self.hparams.export_dir)

@@ -37,6 +37,7 @@ from lit_dprl.generation import (
     sampling_logprobs,
 )
 from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, merged_copy
+from lit_dprl.privacy.report import export_after_fit
 from lit_dprl.rewards import (
     RewardFunction,
     SequenceClassifierReward,
@@ -489,5 +490,4 @@ class PPOModule(L.LightningModule):
         return directory
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.export(self.hparams.export_dir)
+        export_after_fit(self, self.hparams.export_dir or None)

@@ -39,6 +39,7 @@ from lit_dprl.models import (
     position_ids_from_mask,
     sequence_classifier_from_causal_lm,
 )
+from lit_dprl.privacy.report import export_after_fit
 
 REWARD_CONFIG_FILE = "reward_config.json"
 REFERENCE_FIELDS = ("prompt", "response")
@@ -247,8 +248,7 @@ class RewardModule(L.LightningModule):
             self.max_length = data_max_length
 
     def on_fit_end(self) -> None:
-        if self.export_dir is not None and self.trainer.is_global_zero:
-            self.export(self.export_dir)
+        export_after_fit(self, self.export_dir)
 
     def export(self, directory: str | Path) -> Path:
         """Write the merged reward model, its tokenizer and ``reward_config.json`` to ``directory``.

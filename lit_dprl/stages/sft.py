@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from lit_dprl.losses import causal_lm_sequence_loss
 from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, merged_copy, position_ids_from_mask
+from lit_dprl.privacy.report import export_after_fit
 
 
 class SFTModule(L.LightningModule):
@@ -132,6 +133,5 @@ class SFTModule(L.LightningModule):
         return directory
 
     def on_fit_end(self) -> None:
-        """Export the merged model to ``export_dir`` (global rank zero only) when it is set."""
-        if self.hparams.export_dir is not None and self.trainer.is_global_zero:
-            self.export(self.hparams.export_dir)
+        """Export the merged model with its ``privacy.json`` to ``export_dir`` (global rank zero) when it is set."""
+        export_after_fit(self, self.hparams.export_dir)
