@@ -46,7 +46,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import opacus
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from opacus.grad_sample import GradSampleHooks
@@ -56,36 +55,36 @@ from torch.utils.data import DataLoader
 from lit_dprl.privacy.accounting import (
     batch_noise_multiplier,
     calibrate_noise_multiplier,
-    epsilon_of,
-    make_accountant,
-    max_batches_within,
 )
+from lit_dprl.privacy.ledger import PrivacyLedger
 from lit_dprl.privacy.optimizers import make_dp_optimizer
 from lit_dprl.privacy.refusals import (
     DEFAULT_RANDOMNESS,
     SECURE_MODE_COST,
     DPConfigurationError,
     batch_reuse,
+    check_arguments,
     forced_batches,
+    planned_batches,
     refuse_trainer,
     refuse_unsupported_modules,
     secure_rng_module,
 )
 from lit_dprl.privacy.report import REPORT_NAME, stage_metadata, write_json_atomic
 from lit_dprl.privacy.sampling import EmptyBatch, PoissonBatchSampler, PoissonDataLoader, derive_seed
-from lit_dprl.privacy.units import TrainingUnits, chunk_bounds, training_units
+from lit_dprl.privacy.steps import (
+    accumulate_leading_chunks,
+    noise_only_manual_steps,
+    set_step_units,
+    shared_rows,
+)
+from lit_dprl.privacy.units import TrainingUnits, training_units
 
 __all__ = ["DPCallback", "DPConfigurationError"]
 
 # Opacus's hooks make torch warn on every backward when the inputs need no grad (frozen embeddings, LoRA);
 # the per-example gradients are right all the same (see the tests), so the message is only noise.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-
-
-def _tensors(batch: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    apply_to_collection(batch, torch.Tensor, found.append)
-    return found
 
 
 def _secret_seed() -> int:
@@ -141,38 +140,21 @@ class DPCallback(Callback):
         user_id_field: str = "user_id",
         max_rows_per_user: int | None = None,
     ) -> None:
-        if (target_epsilon is None) == (noise_multiplier is None):
-            raise DPConfigurationError(
-                "give exactly one of target_epsilon and noise_multiplier, got "
-                f"target_epsilon={target_epsilon} and noise_multiplier={noise_multiplier}; to replace the one "
-                "a config sets, set it to null (e.g. --trainer.callbacks.init_args.target_epsilon=null)"
-            )
-        if target_epsilon is not None and target_epsilon <= 0:
-            raise DPConfigurationError(f"target_epsilon must be positive, got {target_epsilon}")
-        if noise_multiplier is not None and noise_multiplier < 0:
-            raise DPConfigurationError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-        if max_grad_norm <= 0:
-            raise DPConfigurationError(f"max_grad_norm must be positive, got {max_grad_norm}")
-        if max_physical_batch_size is not None and max_physical_batch_size < 1:
-            raise DPConfigurationError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
-        if target_delta is not None and not 0 < target_delta < 1:
-            raise DPConfigurationError(f"target_delta must be in (0, 1), got {target_delta}")
-        if privacy_unit not in ("row", "user"):
-            raise DPConfigurationError(f"privacy_unit must be 'row' or 'user', got {privacy_unit!r}")
-        if max_rows_per_user is not None and (privacy_unit != "user" or max_rows_per_user < 1):
-            raise DPConfigurationError(
-                "max_rows_per_user must be a positive integer and needs privacy_unit='user'"
-            )
-        if privacy_unit == "user" and not poisson_sampling:
-            raise DPConfigurationError(
-                "privacy_unit='user' samples users by Poisson sampling: keep poisson_sampling"
-            )
+        check_arguments(
+            target_epsilon=target_epsilon,
+            noise_multiplier=noise_multiplier,
+            target_delta=target_delta,
+            max_grad_norm=max_grad_norm,
+            max_physical_batch_size=max_physical_batch_size,
+            poisson_sampling=poisson_sampling,
+            privacy_unit=privacy_unit,
+            max_rows_per_user=max_rows_per_user,
+        )
         self._secure_rng = None
         if secure_mode:
             if sampling_seed is not None or noise_seed is not None:
                 raise DPConfigurationError("secure_mode draws from the OS's secure generator: give no seeds")
             self._secure_rng = secure_rng_module().create_random_device_generator("/dev/urandom")
-        make_accountant(accountant)  # validates the name
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
         self.max_grad_norm = max_grad_norm
@@ -189,9 +171,7 @@ class DPCallback(Callback):
         self.max_rows_per_user = max_rows_per_user
 
         self._noise_multiplier = noise_multiplier
-        self._accountant = make_accountant(accountant)
-        self._batches = 0
-        self._optimizer_steps = 0
+        self._ledger = PrivacyLedger(accountant)
         self._data: TrainingUnits | None = None
         self._warnings: list[str] = []
         self._restored: dict[str, Any] | None = None
@@ -204,7 +184,6 @@ class DPCallback(Callback):
         self._max_batches: int | None = None
         self._planned_batches: int | None = None
         self._stopped_by_budget = False
-        self._epsilon_cache: tuple[int, float] = (0, 0.0)
         self._unpatch: list[Callable[[], None]] = []
         self._world_size = 1
         self._report_dir: str | None = None
@@ -218,14 +197,7 @@ class DPCallback(Callback):
     @property
     def epsilon(self) -> float:
         """ε spent so far (at ``delta``), over the whole accounting history (resumed runs included)."""
-        if self._batches == 0 or self.delta is None:
-            return 0.0
-        if self._epsilon_cache[0] != self._batches:
-            eps = epsilon_of(
-                accountant=self.accountant_name, history=self._accountant.history, delta=self.delta
-            )
-            self._epsilon_cache = (self._batches, eps)
-        return self._epsilon_cache[1]
+        return 0.0 if self.delta is None else self._ledger.epsilon(self.delta)
 
     @property
     def delta(self) -> float | None:
@@ -245,7 +217,7 @@ class DPCallback(Callback):
     @property
     def steps(self) -> int:
         """Number of Poisson-sampled batches accounted so far."""
-        return self._batches
+        return self._ledger.batches
 
     # ------------------------------------------------------------------ setup: refusals, data, hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -341,53 +313,23 @@ class DPCallback(Callback):
         def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
             if isinstance(batch, EmptyBatch):
                 if not pl_module.automatic_optimization:
-                    self._noise_only_manual_steps(pl_module)
+                    noise_only_manual_steps(pl_module, self._epochs_per_batch * self._minibatches_per_batch)
                 return None  # automatic optimization: the DP optimizer still takes a noise-only step
             if self.max_physical_batch_size and pl_module.automatic_optimization:
-                batch = self._accumulate_leading_chunks(batch, original, args, kwargs)
+                (optimizer,) = self._dp_optimizers
+                batch = accumulate_leading_chunks(
+                    batch,
+                    original,
+                    args,
+                    kwargs,
+                    optimizer=optimizer,
+                    limit=self.max_physical_batch_size,
+                    row_units=self._row_units,
+                )
             return original(batch, *args, **kwargs)
 
         pl_module.training_step = training_step
         self._unpatch.append(lambda: delattr(pl_module, "training_step"))
-
-    def _accumulate_leading_chunks(
-        self, batch: Any, training_step: Callable, args: tuple, kwargs: dict
-    ) -> Any:
-        """Run all but the last chunk of ``batch`` here, clipping and summing their per-unit gradients into
-        the DP optimizer (a skipped step); return the last chunk for Lightning's usual step, which adds noise."""
-        sizes = {len(t) for t in _tensors(batch)}
-        if len(sizes) != 1:
-            raise DPConfigurationError(
-                "max_physical_batch_size needs a batch of tensors sharing their first dimension"
-            )
-        bounds = chunk_bounds(sizes.pop(), self.max_physical_batch_size, self._row_units)
-        (optimizer,) = self._dp_optimizers
-        optimizer.zero_grad()  # Lightning zeroes only after training_step; the chunks below come first
-        for begin, end in bounds[:-1]:
-            self._set_step_units(optimizer, begin, end)
-            chunk = apply_to_collection(batch, torch.Tensor, lambda t, b=begin, e=end: t[b:e])
-            loss = training_step(chunk, *args, **kwargs)
-            (loss["loss"] if isinstance(loss, dict) else loss).backward()
-            optimizer.signal_skip_step(do_skip=True)
-            optimizer.step()
-            optimizer.zero_grad()
-        begin, end = bounds[-1]
-        self._set_step_units(optimizer, begin, end)
-        return apply_to_collection(batch, torch.Tensor, lambda t: t[begin:end])
-
-    def _set_step_units(self, optimizer: Any, begin: int, end: int) -> None:
-        """Under "user": tell the optimizer the user (0, 1, ...) of each row of ``batch[begin:end]``."""
-        if self._row_units is not None:
-            units = torch.tensor(self._row_units[begin:end], dtype=torch.long)
-            optimizer.row_units = units - units[0] if len(units) else units
-
-    def _noise_only_manual_steps(self, pl_module: pl.LightningModule) -> None:
-        optimizers = pl_module.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        for _ in range(self._epochs_per_batch * self._minibatches_per_batch):
-            for optimizer in optimizers:
-                optimizer.zero_grad()
-                optimizer.step()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refuse_unsupported_modules(pl_module)
@@ -436,7 +378,7 @@ class DPCallback(Callback):
             raise DPConfigurationError("the module configures no optimizer; DP needs one to add noise")
         self._noisy_steps_per_example = len(optimizers) * self._epochs_per_batch
         self._optimizer_steps_per_batch = self._noisy_steps_per_example * self._minibatches_per_batch
-        self._planned_batches = self._plan_batches(trainer)
+        self._planned_batches = planned_batches(trainer, self._optimizer_steps_per_batch)
         self._set_noise_multiplier()
         expected_local_batch = self._data.batch_size / (self._minibatches_per_batch * trainer.world_size)
         self._dp_optimizers = [
@@ -477,37 +419,28 @@ class DPCallback(Callback):
             return self._secure_rng
         generator = torch.Generator(device=pl_module.device)
         seed = self.noise_seed if self.noise_seed is not None else _secret_seed()
-        return generator.manual_seed(derive_seed(seed, self._batches))
-
-    def _plan_batches(self, trainer: pl.Trainer) -> int | None:
-        plans = []
-        if trainer.max_steps is not None and trainer.max_steps >= 0:
-            plans.append(math.ceil(trainer.max_steps / self._optimizer_steps_per_batch))
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and math.isfinite(trainer.num_training_batches):
-            plans.append(max_epochs * int(trainer.num_training_batches))
-        return min(plans) if plans else None
+        return generator.manual_seed(derive_seed(seed, self._ledger.batches))
 
     def _set_budget(self, trainer: pl.Trainer) -> None:
         """The last batch ``max_epsilon`` allows, composing the restored history with this run's batches."""
         if self.max_epsilon is None:
             self._max_batches = None
             return
-        upper = None if self._planned_batches is None else max(self._planned_batches - self._batches, 1)
-        affordable = max_batches_within(
+        upper = (
+            None if self._planned_batches is None else max(self._planned_batches - self._ledger.batches, 1)
+        )
+        affordable = self._ledger.affordable_batches(
             budget=self.max_epsilon,
-            accountant=self.accountant_name,
             batch_noise=batch_noise_multiplier(self._noise_multiplier, self._noisy_steps_per_example),
             sample_rate=self.sample_rate,
             delta=self.delta,
             upper=upper,
-            history=self._accountant.history,
         )
-        self._max_batches = self._batches + affordable
+        self._max_batches = self._ledger.batches + affordable
         if affordable == 0:
             raise DPConfigurationError(
                 f"the privacy budget ε={self.max_epsilon} allows no further step (spent {self.epsilon:.3f} in "
-                f"{self._batches} batches at σ={self._noise_multiplier:.4g}); raise max_epsilon or the noise"
+                f"{self._ledger.batches} batches at σ={self._noise_multiplier:.4g}); raise max_epsilon or the noise"
             )
         forced = forced_batches(trainer, self._optimizer_steps_per_batch)
         if forced > self._max_batches:
@@ -525,23 +458,22 @@ class DPCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._max_batches is not None and self._batches >= self._max_batches:
+        if self._max_batches is not None and self._ledger.batches >= self._max_batches:
             raise RuntimeError(
                 f"DPCallback: another batch would exceed max_epsilon={self.max_epsilon} (ε={self.epsilon:.4g} after "
-                f"{self._batches} batches); training stops here"
+                f"{self._ledger.batches} batches); training stops here"
             )
         self._steps_at_batch_start = [opt.noisy_steps for opt in self._dp_optimizers]
         self._batch_accounted = False
         units = self._units_in(batch)
         for opt in self._dp_optimizers:
             opt.start_batch(units, self._epochs_per_batch)
-            self._set_step_units(opt, 0, len(self._row_units or ()))
+            set_step_units(opt, self._row_units, 0, len(self._row_units or ()))
 
     def _units_in(self, batch: Any) -> int | None:
         """The privacy units of this batch (on this rank); sets ``_row_units`` under "user"."""
         if self._sampler is None:
-            sizes = {len(t) for t in _tensors(batch)}
-            return sizes.pop() if len(sizes) == 1 else None
+            return shared_rows(batch)
         if not self._sampler.pending:
             raise RuntimeError(
                 "DPCallback lost track of the Poisson batches: a batch arrived that was not sampled"
@@ -564,30 +496,33 @@ class DPCallback(Callback):
                 f"each optimizer must take exactly {expected} noisy step(s) per batch (epochs_per_batch × "
                 f"minibatches_per_batch), but took {taken}; the accountant would not describe what ran"
             )
-        if self._max_batches is not None and self._batches >= self._max_batches and not trainer.should_stop:
-            if self._planned_batches is None or self._batches < self._planned_batches:
+        if (
+            self._max_batches is not None
+            and self._ledger.batches >= self._max_batches
+            and not trainer.should_stop
+        ):
+            if self._planned_batches is None or self._ledger.batches < self._planned_batches:
                 self._stopped_by_budget = True
                 rank_zero_warn(
-                    f"DPCallback: stopping after {self._batches} batches: one more would exceed ε={self.max_epsilon}"
+                    f"DPCallback: stopping after {self._ledger.batches} batches: one more would exceed ε={self.max_epsilon}"
                 )
             trainer.should_stop = True
         self._log(trainer, pl_module)
 
     def _account_batch(self) -> None:
-        self._accountant.step(
-            noise_multiplier=batch_noise_multiplier(self._noise_multiplier, self._noisy_steps_per_example),
-            sample_rate=self.sample_rate,
+        self._ledger.record(
+            batch_noise_multiplier(self._noise_multiplier, self._noisy_steps_per_example),
+            self.sample_rate,
+            self._optimizer_steps_per_batch,
         )
-        self._batches += 1
-        self._optimizer_steps += self._optimizer_steps_per_batch
         self._batch_accounted = True
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        last = self._batches == self._planned_batches or trainer.should_stop
-        if self._batches % trainer.log_every_n_steps == 0 or last or self._batches == 1:
+        last = self._ledger.batches == self._planned_batches or trainer.should_stop
+        if self._ledger.batches % trainer.log_every_n_steps == 0 or last or self._ledger.batches == 1:
             eps = self.epsilon
         else:
-            eps = self._epsilon_cache[1]
+            eps = self._ledger.last_epsilon()
         pl_module.log("dp/epsilon", eps, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         pl_module.log(
             "dp/noise_multiplier", self._noise_multiplier, on_step=True, on_epoch=False, batch_size=1
@@ -620,45 +555,30 @@ class DPCallback(Callback):
     # ------------------------------------------------------------------ report and checkpoint
     def report(self) -> dict[str, Any]:
         """What ``privacy.json`` holds: the guarantee, every parameter needed to recompute it, and warnings."""
-        history = [(float(s), float(q), int(n)) for s, q, n in self._accountant.history]
         sigma = self._noise_multiplier
         report = {
             "differentially_private": math.isfinite(self.epsilon),
             "epsilon": self.epsilon,
-            "delta": self.delta,
-            "delta_rule": self._data.delta_rule,
-            "privacy_unit": self._data.description,
-            "neighbouring_relation": f"add or remove one privacy unit ({self.privacy_unit})",
+            **self._data.report_fields(),
             "accountant": self.accountant_name,
             "noise_multiplier": sigma,
             "batch_noise_multiplier": batch_noise_multiplier(sigma, self._noisy_steps_per_example),
             "epochs_per_batch": self._epochs_per_batch,
             "minibatches_per_batch": self._minibatches_per_batch,
             "noisy_steps_per_example_per_batch": self._noisy_steps_per_example,
-            "sample_rate": self.sample_rate,
-            "steps": self._batches,
-            "optimizer_steps": self._optimizer_steps,
-            "accounting_history": [
-                {"batch_noise_multiplier": s, "sample_rate": q, "batches": n} for s, q, n in history
-            ],
             "max_grad_norm": self.max_grad_norm,
-            "dataset_size": self._data.num_units,
-            "dataset_rows": self._data.num_rows,
-            "expected_batch_size": self._data.batch_size,
+            **self._ledger.report_fields(self.delta),
+            "mechanism": self._ledger.mechanism()
+            + f"; each batch is {self._noisy_steps_per_example} steps of Gaussian(σ={sigma:.6g}) at sensitivity "
+            f"C={self.max_grad_norm:g}",
             "poisson_sampling": self.poisson_sampling,
             "target_epsilon": self.target_epsilon,
             "max_epsilon": self.max_epsilon,
             "stopped_by_budget": self._stopped_by_budget,
-            "epsilon_rdp": epsilon_of(accountant="rdp", history=history, delta=self.delta),
             "world_size": self._world_size,
             "secret_randomness": self.sampling_seed is None and self.noise_seed is None,
             "secure_mode": self.secure_mode,
             "randomness": SECURE_MODE_COST if self.secure_mode else DEFAULT_RANDOMNESS,
-            "mechanism": " ∘ ".join(
-                f"{n} × PoissonSampled(q={q:.6g}, Gaussian(σ_batch={s:.6g}))" for s, q, n in history
-            )
-            + f"; each batch is {self._noisy_steps_per_example} steps of Gaussian(σ={sigma:.6g}) at sensitivity "
-            f"C={self.max_grad_norm:g}",
             "warnings": list(self._warnings),
             "opacus_version": opacus.__version__,
         }
@@ -675,14 +595,12 @@ class DPCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "accountant": self._accountant.state_dict(),
-            "batches": self._batches,
-            "optimizer_steps": self._optimizer_steps,
+            **self._ledger.state_dict(),
             "noise_multiplier": self._noise_multiplier,
             "sample_rate": self.sample_rate,
             "dataset_size": None if self._data is None else self._data.num_units,
             "delta": self.delta,
-            "batches_drawn": self._sampler.batches_drawn if self._sampler else self._batches,
+            "batches_drawn": self._sampler.batches_drawn if self._sampler else self._ledger.batches,
             "accountant_name": self.accountant_name,
         }
 
@@ -693,7 +611,5 @@ class DPCallback(Callback):
                 f"{state_dict['accountant_name']!r}. The history is re-evaluated with {self.accountant_name!r}.",
                 stacklevel=2,
             )
-        self._accountant.history = list(state_dict["accountant"]["history"])
-        self._batches = state_dict["batches"]
-        self._optimizer_steps = state_dict["optimizer_steps"]
+        self._ledger.load_state_dict(state_dict)
         self._restored = state_dict

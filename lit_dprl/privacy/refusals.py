@@ -1,4 +1,5 @@
-"""Configurations that DPCallback refuses: each would silently break the guarantee it reports."""
+"""Configurations that DPCallback refuses (each would silently break the guarantee it reports), and the
+run lengths it reads from the Trainer to enforce the budget."""
 
 from __future__ import annotations
 
@@ -26,6 +27,46 @@ DEFAULT_RANDOMNESS = (
 
 class DPConfigurationError(ValueError):
     """A configuration that would silently break the differential-privacy guarantee."""
+
+
+def check_arguments(
+    *,
+    target_epsilon: float | None,
+    noise_multiplier: float | None,
+    target_delta: float | None,
+    max_grad_norm: float,
+    max_physical_batch_size: int | None,
+    poisson_sampling: bool,
+    privacy_unit: str,
+    max_rows_per_user: int | None,
+) -> None:
+    """Refuse DPCallback arguments that are out of range or contradict each other."""
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise DPConfigurationError(
+            "give exactly one of target_epsilon and noise_multiplier, got "
+            f"target_epsilon={target_epsilon} and noise_multiplier={noise_multiplier}; to replace the one "
+            "a config sets, set it to null (e.g. --trainer.callbacks.init_args.target_epsilon=null)"
+        )
+    if target_epsilon is not None and target_epsilon <= 0:
+        raise DPConfigurationError(f"target_epsilon must be positive, got {target_epsilon}")
+    if noise_multiplier is not None and noise_multiplier < 0:
+        raise DPConfigurationError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if max_grad_norm <= 0:
+        raise DPConfigurationError(f"max_grad_norm must be positive, got {max_grad_norm}")
+    if max_physical_batch_size is not None and max_physical_batch_size < 1:
+        raise DPConfigurationError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+    if target_delta is not None and not 0 < target_delta < 1:
+        raise DPConfigurationError(f"target_delta must be in (0, 1), got {target_delta}")
+    if privacy_unit not in ("row", "user"):
+        raise DPConfigurationError(f"privacy_unit must be 'row' or 'user', got {privacy_unit!r}")
+    if max_rows_per_user is not None and (privacy_unit != "user" or max_rows_per_user < 1):
+        raise DPConfigurationError(
+            "max_rows_per_user must be a positive integer and needs privacy_unit='user'"
+        )
+    if privacy_unit == "user" and not poisson_sampling:
+        raise DPConfigurationError(
+            "privacy_unit='user' samples users by Poisson sampling: keep poisson_sampling"
+        )
 
 
 def refuse_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, callback_type: type) -> None:
@@ -107,6 +148,17 @@ def batch_reuse(pl_module: pl.LightningModule) -> tuple[int, int]:
             "epochs_per_batch/minibatches_per_batch > 1 need manual optimization (one step per batch otherwise)"
         )
     return epochs, minibatches
+
+
+def planned_batches(trainer: pl.Trainer, optimizer_steps_per_batch: int) -> int | None:
+    """Batches the run plans (``max_steps``/``max_epochs``, the first reached), None if unbounded."""
+    plans = []
+    if trainer.max_steps is not None and trainer.max_steps >= 0:
+        plans.append(math.ceil(trainer.max_steps / optimizer_steps_per_batch))
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and max_epochs >= 0 and math.isfinite(trainer.num_training_batches):
+        plans.append(max_epochs * int(trainer.num_training_batches))
+    return min(plans) if plans else None
 
 
 def forced_batches(trainer: pl.Trainer, optimizer_steps_per_batch: int) -> int:

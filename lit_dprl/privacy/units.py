@@ -71,6 +71,19 @@ class TrainingUnits:
         """q = batch_size / N."""
         return self.batch_size / self.num_units
 
+    def report_fields(self) -> dict[str, Any]:
+        """This part of ``privacy.json``: δ and its rule, the unit and the neighbouring relation, N and q."""
+        return {
+            "delta": self.delta,
+            "delta_rule": self.delta_rule,
+            "privacy_unit": self.description,
+            "neighbouring_relation": f"add or remove one privacy unit ({self.privacy_unit}) with all its rows",
+            "dataset_size": self.num_units,
+            "dataset_rows": self.num_rows,
+            "expected_batch_size": self.batch_size,
+            "sample_rate": self.sample_rate,
+        }
+
 
 def training_units(
     dataset: Any,
