@@ -96,6 +96,7 @@ def test_user_level_epsilon_is_row_level_accounting_at_the_user_rate(tmp_path):
     cb = DPCallback(noise_multiplier=1.0, privacy_unit="user", sampling_seed=0, noise_seed=0)
     make_trainer(tmp_path, [cb], max_steps=10).fit(model)
     assert cb.sample_rate == pytest.approx(5 / 50)
+    assert cb._dp_optimizers[0].expected_batch_size == 5  # noise and mean over the expected users, not rows
     assert cb.epsilon == pytest.approx(
         epsilon_after(accountant="prv", batch_noise=1.0, sample_rate=0.1, batches=10, delta=50**-1.1),
         rel=1e-9,

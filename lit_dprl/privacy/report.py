@@ -35,7 +35,10 @@ def user_unit(user_id_field: str, max_rows_per_user: int | None) -> str:
 
 
 def non_private_report(
-    reason: str = "trained without DPCallback: no per-example clipping, no noise",
+    reason: str = (
+        "trained without DPCallback (no per-example clipping, no noise): if its training data are private, "
+        "the model has no privacy guarantee"
+    ),
     privacy_unit: str = ROW_UNIT,
 ) -> dict[str, Any]:
     """The report of a model trained without differential privacy: ε = ∞ (δ = 0 is then vacuous)."""
