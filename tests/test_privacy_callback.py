@@ -159,6 +159,8 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     make_trainer(tmp_path, [cb], max_steps=20).fit(model)  # global_step counts both optimizers' steps
     report = cb.report()
     assert report["steps"] == 10 and report["optimizer_steps"] == 20
+    opt_a, opt_b = cb._dp_optimizers  # one noise stream: the two optimizers' noises are independent draws
+    assert opt_a.generator is opt_b.generator
     # each example is in two Gaussian steps per batch (one per optimizer): sigma_batch = sigma / sqrt(2)
     assert report["batch_noise_multiplier"] == pytest.approx(1.0 / 2**0.5)
     assert cb.epsilon == pytest.approx(

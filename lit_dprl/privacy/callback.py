@@ -381,6 +381,7 @@ class DPCallback(Callback):
         self._planned_batches = planned_batches(trainer, self._optimizer_steps_per_batch)
         self._set_noise_multiplier()
         expected_local_batch = self._data.batch_size / (self._minibatches_per_batch * trainer.world_size)
+        generator = self._noise_generator(pl_module)  # one stream for all optimizers: independent noise
         self._dp_optimizers = [
             make_dp_optimizer(
                 opt,
@@ -388,7 +389,7 @@ class DPCallback(Callback):
                 max_grad_norm=self.max_grad_norm,
                 expected_batch_size=expected_local_batch,
                 distributed=trainer.world_size > 1,
-                generator=self._noise_generator(pl_module),
+                generator=generator,
                 secure_mode=self.secure_mode,
             )
             for opt in optimizers
