@@ -90,7 +90,7 @@ def test_max_batches_within_budget_is_the_last_affordable_step():
 
 def test_budget_search_composes_the_history_and_needs_no_upper_bound():
     kwargs = dict(accountant="rdp", batch_noise=1.0, sample_rate=0.05, delta=1e-5)
-    history = [(0.8, 0.2, 20)]  # earlier batches at another (σ, q), e.g. before a resume
+    history = [(1.0, 0.2, 3)]  # earlier batches at another (σ, q), e.g. before a resume
     n = max_batches_within(budget=4.0, upper=None, history=history, **kwargs)
     assert 0 < n
     assert (
