@@ -92,7 +92,7 @@ def test_budget_search_composes_the_history_and_needs_no_upper_bound():
     kwargs = dict(accountant="rdp", batch_noise=1.0, sample_rate=0.05, delta=1e-5)
     history = [(1.0, 0.2, 3)]  # earlier batches at another (σ, q), e.g. before a resume
     n = max_batches_within(budget=4.0, upper=None, history=history, **kwargs)
-    assert 0 < n
+    assert n > 0
     assert (
         epsilon_after(batches=n, history=history, **kwargs)
         <= 4.0
