@@ -41,8 +41,10 @@ def main(args: list[str] | None = None) -> None:
             f"lit-dprl: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (see lit-dprl --help)"
         )
     entry = importlib.import_module(COMMANDS[command]).main
-    # LightningCLI reads its subcommand from the arguments; the other commands take only their own.
-    entry(argv if command in LIGHTNING_COMMANDS else argv[1:])
+    if command in LIGHTNING_COMMANDS:  # LightningCLI reads the subcommand itself (from sys.argv unless given)
+        entry(None if args is None else argv)
+    else:
+        entry(argv[1:])
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import json
 import math
 import secrets
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,7 @@ def plot_scores(
     axes.set_xlabel("canary score (higher = more likely a member)")
     axes.set_ylabel("canaries")
     axes.set_title(
-        f"ε_emp ≥ {result.epsilon_lower_bound:.2f} ({result.confidence:.0%}) vs ε = {claimed:.3g} claimed"
+        f"ε_emp ≥ {result.epsilon_lower_bound:.2f} ({result.confidence_text}) vs ε = {claimed:.3g} claimed"
     )
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -253,7 +254,9 @@ def run_audit(
     refusal = "--break-noise plants a bug in DP training: it needs a DPCallback and no --non-private"
     if break_noise is not None and non_private:
         raise ValueError(refusal)
-    cli = lightning_cli(config_args, run=False)
+    with warnings.catch_warnings():  # the stage's arguments come from the audit's, not from sys.argv
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = lightning_cli(config_args, run=False)
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     dp = next((cb for cb in trainer.callbacks if isinstance(cb, DPCallback)), None)
     if break_noise is not None and dp is None:
@@ -314,9 +317,10 @@ def run_audit(
     claim = "∞" if math.isinf(claimed) else f"{claimed:.3g}"
     verdict = " — VIOLATION: the run leaks more than it claims" if audit["violation"] else ""
     print(
-        f"ε_emp ≥ {result.epsilon_lower_bound:.2f} ({confidence:.0%}) vs ε = {claim} claimed "
+        f"ε_emp ≥ {result.epsilon_lower_bound:.2f} ({result.confidence_text}) vs ε = {claim} claimed "
         f"(δ = {delta:.3g}; {result.correct}/{result.guesses} guesses right, {result.canaries} canaries, "
-        f"{result.included} included){verdict}; {out / AUDIT_NAME}"
+        f"{result.included} included; at most {result.epsilon_max_detectable:.2f} detectable){verdict}; "
+        f"{out / AUDIT_NAME}"
     )
     return audit
 

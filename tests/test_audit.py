@@ -51,6 +51,14 @@ def test_epsilon_lower_bound_is_where_the_p_value_crosses_the_level():
     assert epsilon_lower_bound(1000, 100, 50, delta=1e-5, significance=0.05) == 0.0  # chance accuracy
 
 
+def test_perfect_separation_reaches_the_most_m_canaries_can_show():
+    _, included = coins(256, 0)
+    result = one_run_audit(included.astype(float), included, delta=1e-5)
+    assert result.correct == result.guesses == 128  # the largest grid point, guessed without error
+    assert result.epsilon_lower_bound == result.epsilon_max_detectable
+    assert 3.0 < result.epsilon_max_detectable < 3.5  # ≈ the largest ε with sigmoid(ε)^128 ≥ 0.05/8
+
+
 def test_guesses_take_the_extremes_and_break_ties_by_index_not_membership():
     guesses = make_guesses(np.array([0.5, 3.0, -1.0, 3.0, 0.0]), k_plus=1, k_minus=2)
     assert guesses.tolist() == [0, 0, -1, 1, -1]  # of the tied 3.0s the later index is ranked higher
@@ -128,8 +136,9 @@ def test_sft_audit_end_to_end(tmp_path, capsys):
     assert audit["privacy_report"]["noise_multiplier"] == 1.0 and audit["privacy_report"]["steps"] == 3
     assert 0 < audit["epsilon_claimed"] < math.inf
     assert audit["mode"] == "black-box" and audit["differentially_private"] and audit["planted_bug"] is None
-    assert 0 <= audit["correct"] <= audit["guesses"] <= 24 and audit["epsilon_lower_bound"] >= 0
-    assert "ε_emp ≥" in capsys.readouterr().out
+    assert 0 <= audit["correct"] <= audit["guesses"] <= 24
+    assert 0 <= audit["epsilon_lower_bound"] <= audit["epsilon_max_detectable"]
+    assert "ε_emp ≥" in (printed := capsys.readouterr().out) and "(95 %) vs ε =" in printed
 
     public = audit_main(["--config", "configs/tiny/sft.yaml", "--canaries", "24", "--seed", "0", "--non-private",
                          "--out", str(tmp_path / "nodp"), "--", *FAST_SFT])  # fmt: skip

@@ -115,6 +115,12 @@ class AuditResult:
     guesses: int
     correct: int
     hypotheses: int
+    epsilon_max_detectable: float
+
+    @property
+    def confidence_text(self) -> str:
+        """The confidence as a percentage, e.g. "95 %"."""
+        return f"{self.confidence * 100:g} %"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -128,7 +134,9 @@ def one_run_audit(
     fractions: Sequence[float] = DEFAULT_GUESS_FRACTIONS,
 ) -> AuditResult:
     """ε_emp from canary scores and the secret coins: the best bound over :func:`guess_grid`, each point tested
-    at level (1 − confidence)/G. The result names the (k₊, k₋) that gave it (the first grid point on ties)."""
+    at level (1 − confidence)/G. The result names the (k₊, k₋) that gave it (the first grid point on ties) and
+    ``epsilon_max_detectable``, the bound had every guess been right: no run can show more with these m and δ,
+    so a claimed ε above it is not tested by the audit."""
     scores = np.asarray(scores, dtype=float)
     included = np.asarray(included, dtype=bool)
     if scores.shape != included.shape or scores.ndim != 1 or len(scores) == 0:
@@ -151,6 +159,7 @@ def one_run_audit(
         if best is None or bound > best[0]:
             best = (bound, k_plus, k_minus, correct)
     bound, k_plus, k_minus, correct = best
+    ceiling = max(epsilon_lower_bound(m, sum(point), sum(point), delta, significance) for point in grid)
     return AuditResult(
         epsilon_lower_bound=bound,
         confidence=confidence,
@@ -162,4 +171,5 @@ def one_run_audit(
         guesses=k_plus + k_minus,
         correct=correct,
         hypotheses=len(grid),
+        epsilon_max_detectable=ceiling,
     )
