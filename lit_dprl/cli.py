@@ -57,11 +57,13 @@ class LitDPRLCLI(LightningCLI):
                 )
 
 
-def main(args: list[str] | None = None) -> LitDPRLCLI:
-    """Entry point of ``train.py``."""
+def main(args: list[str] | None = None, run: bool = True) -> LitDPRLCLI:
+    """Entry point of ``train.py``; ``run=False`` only builds the trainer, model and data (``args`` then
+    has no subcommand), as the audit does before it inserts its canaries."""
     return LitDPRLCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
