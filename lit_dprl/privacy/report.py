@@ -1,0 +1,3 @@
+"""The name of the privacy report written next to every exported model."""
+
+REPORT_NAME = "privacy.json"
