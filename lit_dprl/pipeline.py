@@ -363,7 +363,7 @@ def print_summary(result: dict[str, Any]) -> None:
         f"{privacy['composition']}"
     )
     for name, stage in privacy["stages"].items():
-        steps = "no DP" if stage["steps"] is None else f"δ={stage['delta']:.3g}, {stage['steps']} steps"
+        steps = "no DP" if math.isinf(stage["epsilon"]) else f"δ={stage['delta']:.3g}, {stage['steps']} steps"
         split = stage[PROVENANCE_KEY] or {}
         print(
             f"[pipeline]   {name}: ε={format_epsilon(stage['epsilon'])}, {steps}, data: "

@@ -6,11 +6,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
+from lit_dprl.data.labelled_pairs import imdb_preference_pairs, pairs_from_labelled_texts
 from lit_dprl.data.preferences import (
     PreferenceDataError,
     PreferenceDataModule,
-    imdb_preference_pairs,
-    pairs_from_labelled_texts,
     read_preference_file,
     summarize_from_feedback_to_pair,
     truncate_prompt_response,

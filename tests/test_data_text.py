@@ -186,3 +186,21 @@ def test_rotten_tomatoes_source_is_the_public_sentences_with_a_held_out_share():
     assert not set(train["text"]) & set(validation["text"])
     imdb = set(load_imdb_reviews()["text"])
     assert not imdb & set(train["text"])  # public pretraining never sees a (private) IMDb review
+
+
+def test_only_public_sources_and_declared_files_report_public_data(tmp_path):
+    public = TextDataModule(source="imdb_public", val_fraction=0.1)
+    train, validation = public.raw_splits()
+    assert public.split_provenance()["public"] and len(train) + len(validation) > 6_000
+    assert not set(train["text"]) & set(split_imdb(load_imdb_reviews(), seed=0)["test"]["text"])
+    private = TextDataModule(source="imdb")
+    private.raw_splits()
+    assert not private.split_provenance()["public"] and private.split_provenance()["split"] == "sft"
+    path = write_jsonl(tmp_path / "rows.jsonl", pairs(40))
+    for declared in (False, True):
+        data = TextDataModule(source=path, text_field="summary", public_data=declared)
+        data.raw_splits()
+        assert data.split_provenance()["public"] is declared
+        assert data.split_provenance()["dataset"].startswith(f"file {tmp_path / 'rows.jsonl'} (sha256 ")
+    with pytest.raises(ValueError, match="public_data declares a local file public"):
+        TextDataModule(source="imdb", public_data=True)

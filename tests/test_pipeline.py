@@ -186,13 +186,14 @@ def test_a_stage_marked_public_must_train_on_public_data(tmp_path, monkeypatch):
 def test_rlhf_path_runs_three_dp_stages_on_disjoint_imdb_sets(tmp_path):
     result = main(["--config", "configs/pipeline/imdb_rlhf_tiny.yaml", f"--run_dir={tmp_path}"])
     assert set(result["privacy"]["stages"]) == {"sft", "reward", "ppo"}
+    assert result["privacy"]["composition"].startswith("parallel")  # D1, D2, D3 of one keyed partition
     assert all(s["epsilon"] <= 8.0 for s in result["privacy"]["stages"].values())
     assert (tmp_path / "reward" / "model" / "reward_config.json").is_file()
     assert "aligned" in result["evaluation"]
 
 
 def test_reward_pairs_come_from_d2_and_public_partners_only():
-    from lit_dprl.data.preferences import imdb_preference_pairs
+    from lit_dprl.data.labelled_pairs import imdb_preference_pairs
 
     splits = split_imdb(load_imdb_reviews(), seed=0, reward_fraction=0.2)
     train, val = imdb_preference_pairs(seed=0, reward_fraction=0.2)

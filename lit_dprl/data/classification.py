@@ -169,13 +169,23 @@ class LabelledTextDataModule(L.LightningDataModule):
             hp.public_data,
             "Or use source='rotten_tomatoes' or 'imdb_public' (bundled public labelled text).",
         )
+        self.check_rows(dataset, hp.source)
         parts, self._provenance = holdout(dataset, hp.val_fraction, split_key(hp.seed), name, public)
         return parts["train"], parts["validation"]
 
-    def prepare_split(self, rows: Dataset, where: str, limit: int | None) -> Dataset:
-        """Check columns, texts and labels, keep the first ``limit`` rows, tokenize."""
+    def check_rows(self, rows: Dataset, where: str) -> None:
+        """Clear errors for missing columns, non-text or empty texts and bad labels (before any split, so that
+        row numbers are those of the source)."""
         text_field, label_field = self.hparams.text_field, self.hparams.label_field
         require_columns(rows, [text_field, label_field], where)
+        texts = text_column(rows, text_field, where)
+        empty = [row for row, text in enumerate(texts) if not text.strip()]
+        if empty:
+            raise ValueError(f"{where}: {len(empty)} empty text(s), first at row {empty[0]}; remove them.")
+        label_column(rows, label_field, where)
+
+    def prepare_split(self, rows: Dataset, where: str, limit: int | None) -> Dataset:
+        """Keep the first ``limit`` rows of a checked split, check its size, tokenize."""
         if limit is not None:
             rows = rows.select(range(min(limit, len(rows))))
         if len(rows) < self.hparams.batch_size:
@@ -184,12 +194,8 @@ class LabelledTextDataModule(L.LightningDataModule):
                 f"{where} {problem}, fewer than batch_size={self.hparams.batch_size}: lower batch_size, "
                 "raise the example limit or val_fraction, or add data."
             )
-        texts = text_column(rows, text_field, where)
-        empty = [row for row, text in enumerate(texts) if not text.strip()]
-        if empty:
-            raise ValueError(f"{where}: {len(empty)} empty text(s), first at row {empty[0]}; remove them.")
-        labels = label_column(rows, label_field, where)
-        return tokenize_labelled(self.tokenizer, texts, labels, self.max_length)
+        texts, labels = rows[self.hparams.text_field], rows[self.hparams.label_field]
+        return tokenize_labelled(self.tokenizer, list(texts), list(labels), self.max_length)
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split and tokenize once (later calls do nothing)."""
