@@ -220,27 +220,27 @@ def combined_privacy_report(reports: dict[str, dict[str, Any]], overlapping_user
     infinite = [name for name, r in reports.items() if math.isinf(r["epsilon"])]
     deltas = [r["delta"] for r in reports.values() if r.get("delta") is not None]
     if len(reports) == 1:
-        problem = None
+        problem, composition = None, "one private stage: its own guarantee"
     else:
         problem = "overlapping_users: true" if overlapping_users else disjointness_problem(reports)
+        composition = (
+            "parallel: the private stages train on disjoint splits of one keyed-hash partition"
+            if problem is None
+            else f"sequential: the private stages' data cannot be shown disjoint ({problem})"
+        )
     if problem is None:
-        composition = "parallel: the private stages train on disjoint splits of one keyed-hash partition"
         epsilon, delta = max(r["epsilon"] for r in reports.values()), max(deltas, default=0.0)
+    elif infinite:
+        epsilon, delta = math.inf, min(deltas, default=0.0)
     else:
-        composition = f"sequential: the private stages' data cannot be shown disjoint ({problem})"
-        if infinite:
-            epsilon, delta = math.inf, min(deltas, default=0.0)
-        else:
-            accountant_name = next(iter(reports.values()))["accountant"]
-            accountant = make_accountant(accountant_name)
-            accountant.history = [
-                (r["batch_noise_multiplier"], r["sample_rate"], r["steps"]) for r in reports.values()
-            ]
-            delta = min(deltas)
-            epsilon = float(accountant.get_epsilon(delta=delta))
-            composition += f"; {accountant_name} accountant"
-    if len(reports) == 1:
-        composition = "one private stage: its own guarantee"
+        accountant_name = next(iter(reports.values()))["accountant"]
+        accountant = make_accountant(accountant_name)
+        accountant.history = [
+            (r["batch_noise_multiplier"], r["sample_rate"], r["steps"]) for r in reports.values()
+        ]
+        delta = min(deltas)
+        epsilon = float(accountant.get_epsilon(delta=delta))
+        composition += f"; {accountant_name} accountant"
     if infinite:
         composition += f"; ε = ∞: {', '.join(infinite)} trained on private data without DP"
     return {
