@@ -7,6 +7,7 @@ IMDb test split or a user's held-out file).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,8 +104,13 @@ def write_markdown_samples(evaluation: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def format_epsilon(epsilon: float) -> str:
+    """``"∞"`` for ε = ∞ (non-private training on private data), else ε to 3 decimals."""
+    return "∞" if math.isinf(epsilon) else f"{epsilon:.3f}"
+
+
 def save_json(data: Any, path: Path) -> None:
-    """Write ``data`` as indented UTF-8 JSON (atomically)."""
+    """Write ``data`` as indented UTF-8 JSON (atomically); ε = ∞ is written as ``Infinity``."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     tmp.replace(path)

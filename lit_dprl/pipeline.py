@@ -4,29 +4,40 @@ report and the evaluation of the aligned policy on held-out prompts.
     python pipeline.py --config configs/pipeline/imdb_demo.yaml
     python pipeline.py --config configs/pipeline/imdb_demo.yaml --rerun '[ppo]'   # redo one stage
 
-Each stage exports its model to ``<run_dir>/<stage>/model`` (with its ``privacy.json``); a later stage takes
-an earlier stage's export through ``inputs`` (e.g. PPO's ``model.init_args.model`` ← ``sft``). A finished
-stage (its export exists) is reused unless named in ``rerun``.
+Each stage exports its model to ``<run_dir>/<stage>/model`` (with its ``privacy.json``, and the pipeline's
+``data_split.json``: the data module's ``split_provenance()``); a later stage takes an earlier stage's export
+through ``inputs`` (e.g. PPO's ``model.init_args.model`` ← ``sft``). A finished stage (its export and
+``data_split.json`` exist) is reused unless named in ``rerun``.
 
-Privacy: the stages' private sets are disjoint by user when they come from the same seeded split
-(``lit_dprl.data.splits``), so the guarantee is the parallel composition of the stages: the largest ε and
-δ of any stage (Wu et al. §4). With ``overlapping_users: true`` (one user may be in several stages) the
-stages compose sequentially instead: one accountant over all stages' mechanisms.
+Privacy (``privacy_report.json``):
+- A stage marked ``public: true`` is left out of the composition only if its data module reports public
+  data (bundled public sources, or a local file declared public); otherwise the pipeline refuses it.
+- Every other stage trains on private data. Without DP (no ``privacy.json``, or one that says
+  ``"differentially_private": false`` / ``"epsilon": Infinity``) its ε is ∞, and so is the pipeline's.
+- Parallel composition (the largest ε and δ of any stage, Wu et al. §4) only when the provenance proves the
+  private sets disjoint: every private stage splits the same dataset with the same key, fractions, unit
+  and assignment, and no two train on the same split. Otherwise, or with ``overlapping_users: true``, the
+  stages compose sequentially (one accountant over all stages' mechanisms), and the report says why.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lit_dprl.evaluation import evaluate_policy, save_json, write_markdown_samples
+from lit_dprl.data.splits import PROVENANCE_KEY
+from lit_dprl.evaluation import evaluate_policy, format_epsilon, save_json, write_markdown_samples
 from lit_dprl.privacy.accounting import make_accountant
+from lit_dprl.privacy.report import REPORT_NAME
 
-PRIVACY_FILE = "privacy.json"
+DATA_SPLIT_FILE = "data_split.json"
+STAGE_FIELDS = ("epsilon", "delta", "steps", "sample_rate", "noise_multiplier")
+DISJOINT_FIELDS = ("dataset", "key_fingerprint", "fractions", "unit", "assignment")
 
 
 @dataclass
@@ -39,7 +50,8 @@ class Stage:
         args: Extra command-line overrides for that config (e.g. ``--trainer.max_steps=10``).
         inputs: Config keys set to an earlier stage's exported model, e.g.
             ``{model.init_args.model: sft, data.init_args.tokenizer: sft}``, or to a model directory path.
-        public: The stage trains on public data only (no DP; not part of the privacy report).
+        public: The stage trains on public data only (no DP; left out of the composition). Checked: its
+            data module must report public data (``split_provenance()["public"]``).
     """
 
     name: str
@@ -65,7 +77,8 @@ class Evaluation:
         max_prompts: Number of held-out prompts.
         min_prompt_words: Fewest words per IMDb prompt.
         max_prompt_words: Most words per IMDb prompt.
-        seed: The data-split seed of the stages (fixes which reviews are held out).
+        seed: The data seed (split key) of the stages: fixes which reviews are held out and each prompt's
+            word count.
         temperature: Sampling temperature.
         min_new_tokens: Fewest response tokens.
         max_new_tokens: Most response tokens.
@@ -93,9 +106,56 @@ def stage_dir(run_dir: Path, name: str) -> Path:
 
 
 def is_finished(run_dir: Path, stage: Stage) -> bool:
-    """A stage is finished once its export (and, for a private stage, its privacy report) exists."""
+    """A stage is finished once its export and the record of its data split exist."""
     export = stage_dir(run_dir, stage.name)
-    return (export / "config.json").is_file() and (stage.public or (export / PRIVACY_FILE).is_file())
+    return (export / "config.json").is_file() and (export / DATA_SPLIT_FILE).is_file()
+
+
+def record_data_split(datamodule: Any, export: Path) -> None:
+    """Write the data module's ``split_provenance()`` (or a note that it has none) to ``data_split.json``."""
+    if hasattr(datamodule, "split_provenance"):
+        provenance = datamodule.split_provenance()
+    else:
+        provenance = {"public": False, "note": f"{type(datamodule).__name__} reports no split_provenance()"}
+    export.mkdir(parents=True, exist_ok=True)
+    save_json(provenance, export / DATA_SPLIT_FILE)
+
+
+def stage_report(export: Path) -> dict[str, Any]:
+    """The privacy report of a private stage with its data split under ``"data_split"``.
+
+    ε = ∞ (``"differentially_private": false``) when the export has no ``privacy.json`` or its report says
+    the stage ran without DP. A report that records a different data split than the pipeline saw is refused.
+    """
+    split = json.loads((export / DATA_SPLIT_FILE).read_text())
+    path = export / REPORT_NAME
+    if path.is_file():
+        report = json.loads(path.read_text())
+    else:
+        report = {
+            "epsilon": math.inf,
+            "note": f"no {REPORT_NAME}: trained on private data without DPCallback",
+        }
+    if report.get(PROVENANCE_KEY, split) != split:
+        raise ValueError(
+            f"{path} records the data split {report[PROVENANCE_KEY]} but the stage trained on {split}: the "
+            "report does not describe this model; rerun the stage."
+        )
+    if report.get("differentially_private") is False or math.isinf(report["epsilon"]):
+        report = {**report, "epsilon": math.inf, "differentially_private": False}
+    return {**report, PROVENANCE_KEY: split}
+
+
+def public_data_split(export: Path, name: str) -> dict[str, Any]:
+    """The data split of a stage marked public; ``ValueError`` unless its data module reports public data."""
+    split = json.loads((export / DATA_SPLIT_FILE).read_text())
+    if split.get("public") is not True:
+        raise ValueError(
+            f"stage {name!r} is marked public: true, but its data is not public ({split}). Train it on a "
+            "public source ('rotten_tomatoes', 'imdb_public', or a local file with public_data: true), or "
+            "drop public: true so that the privacy report composes it (ε = ∞ without DP)."
+        )
+    return split
 
 
 def stage_command(run_dir: Path, stage: Stage, stages: dict[str, Stage]) -> list[str]:
@@ -115,35 +175,79 @@ def stage_command(run_dir: Path, stage: Stage, stages: dict[str, Stage]) -> list
     return args
 
 
-def combined_privacy_report(reports: dict[str, dict[str, Any]], overlapping_users: bool) -> dict[str, Any]:
-    """The pipeline's guarantee from the stages' ``privacy.json`` reports.
+def disjointness_problem(reports: dict[str, dict[str, Any]]) -> str | None:
+    """Why the stages' private sets cannot be shown disjoint from their ``"data_split"`` provenance, or None.
 
-    Disjoint users: parallel composition, (max ε, max δ). Overlapping users: sequential composition of
-    every stage's Poisson-sampled Gaussian steps in one accountant (the first stage's), at the smallest δ.
+    Disjoint: every stage records the same dataset, key fingerprint, fractions, unit and assignment (one
+    keyed-hash partition) and no two stages train on the same split of it.
+    """
+    splits = {name: report.get(PROVENANCE_KEY) or {} for name, report in reports.items()}
+    missing = [
+        name for name, split in splits.items() if not all(k in split for k in (*DISJOINT_FIELDS, "split"))
+    ]
+    if missing:
+        return f"no keyed-hash split provenance for {missing}"
+    for key in DISJOINT_FIELDS:
+        values = {name: split[key] for name, split in splits.items()}
+        if len({json.dumps(value, sort_keys=True) for value in values.values()}) > 1:
+            return f"the stages' data splits differ in {key}: {values}"
+    owner: dict[str, str] = {}
+    for name, split in splits.items():
+        if split["split"] in owner:
+            return f"stages {owner[split['split']]!r} and {name!r} both train on split {split['split']!r}"
+        owner[split["split"]] = name
+    return None
+
+
+def combined_privacy_report(reports: dict[str, dict[str, Any]], overlapping_users: bool) -> dict[str, Any]:
+    """The pipeline's guarantee from the private stages' reports (``stage_report``).
+
+    Provably disjoint private sets (``disjointness_problem``): parallel composition, (max ε, max δ).
+    Otherwise, or with ``overlapping_users``: sequential composition of every stage's Poisson-sampled
+    Gaussian steps in one accountant (the first stage's), at the smallest δ. A stage without DP makes ε = ∞.
     """
     if not reports:
-        return {"composition": "none", "epsilon": 0.0, "delta": 0.0, "stages": {}}
+        return {
+            "composition": "none: no stage trains on private data",
+            "epsilon": 0.0,
+            "delta": 0.0,
+            "stages": {},
+        }
     summary = {
-        name: {k: r[k] for k in ("epsilon", "delta", "steps", "sample_rate", "noise_multiplier")}
+        name: {**{k: r.get(k) for k in STAGE_FIELDS}, PROVENANCE_KEY: r.get(PROVENANCE_KEY)}
         for name, r in reports.items()
     }
-    if not overlapping_users:
-        return {
-            "composition": "parallel (stages train on disjoint users)",
-            "epsilon": max(r["epsilon"] for r in reports.values()),
-            "delta": max(r["delta"] for r in reports.values()),
-            "stages": summary,
-        }
-    accountant_name = next(iter(reports.values()))["accountant"]
-    accountant = make_accountant(accountant_name)
-    accountant.history = [
-        (r["batch_noise_multiplier"], r["sample_rate"], r["steps"]) for r in reports.values()
-    ]
-    delta = min(r["delta"] for r in reports.values())
+    infinite = [name for name, r in reports.items() if math.isinf(r["epsilon"])]
+    deltas = [r["delta"] for r in reports.values() if r.get("delta") is not None]
+    if len(reports) == 1:
+        problem, composition = None, "one private stage: its own guarantee"
+    else:
+        problem = "overlapping_users: true" if overlapping_users else disjointness_problem(reports)
+        composition = (
+            "parallel: the private stages train on disjoint splits of one keyed-hash partition"
+            if problem is None
+            else f"sequential: the private stages' data cannot be shown disjoint ({problem})"
+        )
+    if problem is None:
+        epsilon, delta = max(r["epsilon"] for r in reports.values()), max(deltas, default=0.0)
+    elif infinite:
+        epsilon, delta = math.inf, min(deltas, default=0.0)
+    else:
+        accountant_name = next(iter(reports.values()))["accountant"]
+        accountant = make_accountant(accountant_name)
+        accountant.history = [
+            (r["batch_noise_multiplier"], r["sample_rate"], r["steps"]) for r in reports.values()
+        ]
+        delta = min(deltas)
+        epsilon = float(accountant.get_epsilon(delta=delta))
+        composition += f"; {accountant_name} accountant"
+    if infinite:
+        composition += f"; ε = ∞: {', '.join(infinite)} trained on private data without DP"
     return {
-        "composition": f"sequential (users may appear in several stages; {accountant_name} accountant)",
-        "epsilon": float(accountant.get_epsilon(delta=delta)),
+        "composition": composition,
+        "epsilon": epsilon,
         "delta": delta,
+        "differentially_private": not infinite,
         "stages": summary,
     }
 
@@ -154,12 +258,14 @@ def held_out_prompts(evaluation: Evaluation) -> list[str]:
         raise ValueError(f"evaluation.source {evaluation.source!r} is not supported; use 'imdb'")
     from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
     from lit_dprl.data.prompts import first_words
+    from lit_dprl.data.splits import UNIT_COLUMN, split_key
 
     test = split_imdb(load_imdb_reviews(), seed=evaluation.seed)["test"]
-    texts = test["text"][: evaluation.max_prompts]
+    test = test.select(range(min(evaluation.max_prompts, len(test))))
     return first_words(
-        list(texts), evaluation.min_prompt_words, evaluation.max_prompt_words, seed=evaluation.seed + 1
-    )
+        test["text"], test[UNIT_COLUMN], evaluation.min_prompt_words, evaluation.max_prompt_words,
+        key=split_key(evaluation.seed),
+    )  # fmt: skip
 
 
 def resolve_model(run_dir: Path, name_or_source: str, stages: dict[str, Stage]) -> str:
@@ -225,23 +331,23 @@ def run_pipeline(
     unknown = rerun - set(by_name)
     if unknown:
         raise ValueError(f"rerun names unknown stages {sorted(unknown)}; stages are {list(by_name)}")
+    public: dict[str, dict[str, Any]] = {}
     for stage in stages:
+        export = stage_dir(root, stage.name)
         if is_finished(root, stage) and stage.name not in rerun:
-            print(f"[pipeline] {stage.name}: reusing {stage_dir(root, stage.name)}")
-            continue
-        print(f"[pipeline] {stage.name}: python train.py {' '.join(stage_command(root, stage, by_name))}")
-        train(stage_command(root, stage, by_name))
-        if not is_finished(root, stage):
-            raise RuntimeError(
-                f"stage {stage.name!r} ended without writing {stage_dir(root, stage.name)}"
-                + ("" if stage.public else f" and its {PRIVACY_FILE} (is a DPCallback attached?)")
-            )
-    reports = {
-        s.name: json.loads((stage_dir(root, s.name) / PRIVACY_FILE).read_text())
-        for s in stages
-        if not s.public
-    }
-    privacy = combined_privacy_report(reports, overlapping_users)
+            print(f"[pipeline] {stage.name}: reusing {export}")
+        else:
+            for stale in (REPORT_NAME, DATA_SPLIT_FILE):  # never leave an old report beside a new model
+                (export / stale).unlink(missing_ok=True)
+            print(f"[pipeline] {stage.name}: python train.py {' '.join(stage_command(root, stage, by_name))}")
+            cli = train(stage_command(root, stage, by_name))
+            record_data_split(cli.datamodule, export)
+            if not is_finished(root, stage):
+                raise RuntimeError(f"stage {stage.name!r} ended without writing its export {export}")
+        if stage.public:  # checked before any later stage consumes it
+            public[stage.name] = public_data_split(export, stage.name)
+    reports = {s.name: stage_report(stage_dir(root, s.name)) for s in stages if not s.public}
+    privacy = {**combined_privacy_report(reports, overlapping_users), "public_stages": public}
     save_json(privacy, root / "privacy_report.json")
     result: dict[str, Any] = {"privacy": privacy}
     if evaluation is not None:
@@ -253,12 +359,18 @@ def run_pipeline(
 def print_summary(result: dict[str, Any]) -> None:
     privacy = result["privacy"]
     print(
-        f"\n[pipeline] privacy: (ε={privacy['epsilon']:.3f}, δ={privacy['delta']:.3g})-DP, {privacy['composition']}"
+        f"\n[pipeline] privacy: (ε={format_epsilon(privacy['epsilon'])}, δ={privacy['delta']:.3g}), "
+        f"{privacy['composition']}"
     )
     for name, stage in privacy["stages"].items():
+        steps = "no DP" if math.isinf(stage["epsilon"]) else f"δ={stage['delta']:.3g}, {stage['steps']} steps"
+        split = stage[PROVENANCE_KEY] or {}
         print(
-            f"[pipeline]   {name}: ε={stage['epsilon']:.3f}, δ={stage['delta']:.3g}, {stage['steps']} steps"
+            f"[pipeline]   {name}: ε={format_epsilon(stage['epsilon'])}, {steps}, data: "
+            f"{split.get('dataset', '?')} / split {split.get('split', '?')!r}"
         )
+    for name, split in privacy.get("public_stages", {}).items():
+        print(f"[pipeline]   {name}: public data ({split['dataset']} / split {split['split']!r})")
     for label, r in result.get("evaluation", {}).items():
         kl = f", KL to reference {r['kl_to_reference']:.3f}" if "kl_to_reference" in r else ""
         print(f"[pipeline] {label}: mean reward {r['reward_mean']:.3f} ± {r['reward_std']:.3f}{kl}")

@@ -3,10 +3,12 @@
     python sweep.py --config configs/sweep/imdb_cpu.yaml
 
 Public stages (the sentiment classifier) run once and are shared. For every seed and ε the private stages
-run with ``DPCallback(target_epsilon=ε)`` (ε = inf: no DP, the non-private baseline), then the evaluation.
-Writes ``table.md``, ``table.json`` and ``reward_vs_epsilon.png`` into ``run_dir``: mean reward ± standard
-deviation over seeds of the pretrained model (ε = 0), the SFT model and the aligned model per ε, and the
-fraction of the non-private gain over SFT that each ε keeps: (R_aligned(ε) − R_sft(ε)) / (R_aligned(∞) − R_sft(∞)).
+run with ``DPCallback(target_epsilon=ε)`` (ε = inf: no DP, the non-private baseline: still private data, so
+the pipeline reports ε = ∞ for it), then the evaluation. Writes ``table.md``, ``table.json`` and
+``reward_vs_epsilon.png`` into ``run_dir``: mean reward ± standard deviation over seeds of the pretrained model
+(ε = 0), the SFT model and the aligned model per ε, the ε the pipeline reports for the runs (the largest over
+seeds), and the fraction of the non-private gain over SFT that each ε keeps:
+(R_aligned(ε) − R_sft(ε)) / (R_aligned(∞) − R_sft(∞)).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lit_dprl.evaluation import save_json
+from lit_dprl.evaluation import format_epsilon, save_json
 from lit_dprl.pipeline import parser as pipeline_parser
 from lit_dprl.pipeline import run_pipeline, stage_dir
 
@@ -41,8 +43,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(results: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Rows of the table from ``{ε: [evaluation per seed]}``."""
+def summarise(runs_per_epsilon: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Rows of the table from ``{ε: [pipeline result per seed]}`` (each with "evaluation" and "privacy")."""
+    results = {eps: [run["evaluation"] for run in runs] for eps, runs in runs_per_epsilon.items()}
     rows: dict[str, Any] = {}
     pretrained = [e["pretrained"]["reward_mean"] for runs in results.values() for e in runs]
     rows["0"] = {"aligned": mean_std(pretrained)}
@@ -56,6 +59,7 @@ def summarise(results: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
             "sft": mean_std([e["sft"]["reward_mean"] for e in runs]),
             "aligned": mean_std([e["aligned"]["reward_mean"] for e in runs]),
             "kl": mean_std([e["aligned"].get("kl_to_reference", float("nan")) for e in runs]),
+            "reported_epsilon": max(run["privacy"]["epsilon"] for run in runs_per_epsilon[eps]),
             "seeds": len(runs),
         }
         if reference_gain is not None and reference_gain > 0:  # a share of a non-positive gain means nothing
@@ -66,19 +70,20 @@ def summarise(results: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def write_table(rows: dict[str, Any], run_dir: Path) -> str:
     lines = [
-        "| ε | SFT reward | aligned reward | KL to SFT | share of the non-private gain kept | seeds |",
-        "|---|---|---|---|---|---|",
+        "| ε | reported ε | SFT reward | aligned reward | KL to SFT | share of the non-private gain kept | seeds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for eps, row in rows.items():
         if eps == "0":
             m, s = row["aligned"]
-            lines.append(f"| 0 (pretrained) | – | {m:.3f} ± {s:.3f} | – | – | |")
+            lines.append(f"| 0 (pretrained) | – | – | {m:.3f} ± {s:.3f} | – | – | |")
             continue
         sft, aligned, kl = row["sft"], row["aligned"], row["kl"]
         kept = f"{100 * row['gain_kept']:.0f} %" if "gain_kept" in row else "–"
         label = "∞ (non-private)" if eps == "inf" else eps
         lines.append(
-            f"| {label} | {sft[0]:.3f} ± {sft[1]:.3f} | {aligned[0]:.3f} ± {aligned[1]:.3f} | {kl[0]:.3f} | {kept} | {row['seeds']} |"
+            f"| {label} | {format_epsilon(row['reported_epsilon'])} | {sft[0]:.3f} ± {sft[1]:.3f} | "
+            f"{aligned[0]:.3f} ± {aligned[1]:.3f} | {kl[0]:.3f} | {kept} | {row['seeds']} |"
         )
     table = "\n".join(lines) + "\n"
     (run_dir / "table.md").write_text(table)
@@ -124,6 +129,12 @@ def run_sweep(
     base = base_parser.instantiate_classes(
         base_parser.parse_args(["--config", pipeline, "--run_dir", str(root)])
     )
+    private_shared = [s.name for s in base.stages if s.name in shared_stages and not s.public]
+    if private_shared:
+        raise ValueError(
+            f"shared stage(s) {private_shared} are not public: a private stage shared by every run would be left "
+            "out of each run's privacy report. Share only public: true stages."
+        )
     private = [s.name for s in base.stages if not s.public and s.name not in shared_stages]
     if isinstance(max_grad_norm, dict) and (missing := sorted(set(private) - set(max_grad_norm))):
         raise ValueError(
@@ -147,8 +158,7 @@ def run_sweep(
                     clip = max_grad_norm[stage.name] if isinstance(max_grad_norm, dict) else max_grad_norm
                     args.append(dp_callbacks_arg(eps, clip))
                 inputs = {k: shared_paths.get(v, v) for k, v in stage.inputs.items()}
-                public = stage.public or math.isinf(eps)
-                stages.append(dataclasses.replace(stage, args=args, inputs=inputs, public=public))
+                stages.append(dataclasses.replace(stage, args=args, inputs=inputs))
             evaluation = dataclasses.replace(
                 base.evaluation,
                 reward_stage=shared_paths.get(base.evaluation.reward_stage, base.evaluation.reward_stage),
@@ -156,7 +166,7 @@ def run_sweep(
             )
             name = f"eps-{'inf' if math.isinf(eps) else f'{eps:g}'}_seed-{seed}"
             result = run_pipeline(str(root / name), stages, evaluation)
-            results.setdefault(eps, []).append(result["evaluation"])
+            results.setdefault(eps, []).append(result)
             rows = summarise(results)  # rewritten after every run, so an interrupted sweep keeps its table
             save_json({"rows": rows, "wall_time_s": time.perf_counter() - started}, root / "table.json")
             table = write_table(rows, root)

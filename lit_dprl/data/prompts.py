@@ -9,26 +9,34 @@ from __future__ import annotations
 import functools
 
 import lightning as L
-import numpy as np
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_dprl.data.files import load_local_dataset, require_columns, text_column
-from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
+from lit_dprl.data.files import file_dataset_name, load_local_dataset, require_columns, text_column
+from lit_dprl.data.imdb import PUBLIC_FRACTION, imdb_provenance, load_imdb_reviews, split_imdb
 from lit_dprl.data.padding import left_pad
-from lit_dprl.data.splits import assign_splits
+from lit_dprl.data.splits import UNIT_COLUMN, holdout, keyed_choice, split_key
 from lit_dprl.models import load_tokenizer
 
 IMDB = "imdb"
 
 
-def first_words(texts: list[str], min_words: int, max_words: int, seed: int) -> list[str]:
-    """Each text cut to its first k words, k drawn uniformly from ``[min_words, max_words]`` per text (seeded)."""
+PROMPT_WORDS_PURPOSE = "prompt_words"
+
+
+def first_words(
+    texts: list[str], unit_ids: list[str], min_words: int, max_words: int, key: bytes
+) -> list[str]:
+    """Each text cut to its first k words, ``k = min_words + keyed_choice(key, unit, "prompt_words",
+    max_words − min_words + 1)``: k depends on that text's own unit id only, not on its position."""
     if not 1 <= min_words <= max_words:
         raise ValueError(f"need 1 <= min_words <= max_words, got {min_words}, {max_words}")
-    counts = np.random.default_rng(seed).integers(min_words, max_words + 1, size=len(texts))
+    if len(texts) != len(unit_ids):
+        raise ValueError(f"{len(texts)} texts but {len(unit_ids)} unit ids")
+    span = max_words - min_words + 1
+    counts = [min_words + keyed_choice(key, unit, PROMPT_WORDS_PURPOSE, span) for unit in unit_ids]
     return [" ".join(text.split()[:k]) for text, k in zip(texts, counts, strict=True)]
 
 
@@ -51,13 +59,16 @@ class PromptDataModule(L.LightningDataModule):
         max_prompt_words: Most words of a review kept as an IMDb prompt.
         max_prompt_tokens: Prompts are cut to their last this-many tokens.
         batch_size: Prompts per rollout batch (the expected batch under DP's Poisson sampling).
-        max_train_prompts: Keep only this many (random) training prompts.
-        max_val_prompts: Keep only this many (random) held-out prompts.
+        max_train_prompts: Keep only this many training prompts (the first in keyed-hash order).
+        max_val_prompts: Keep only this many held-out prompts (the first in keyed-hash order).
         val_fraction: Share of a local file held out for evaluation.
-        seed: Seed of the data splits; keep it equal across stages so D1/D2/D3 stay disjoint.
+        seed: The public split key ``split_key(seed)`` of the keyed-hash splits and of each prompt's word
+            count; keep it equal across stages so D1/D2/D3 stay disjoint.
         num_workers: DataLoader worker processes.
         reward_fraction: Share of the private IMDb reviews set aside as the reward model's set D2 (the
             rest is halved into D1 and D3); give every stage of a pipeline the same value.
+        public_fraction: Share of the non-test IMDb reviews declared public (``split_imdb``); give every
+            stage of a pipeline the same value.
     """
 
     def __init__(
@@ -75,6 +86,7 @@ class PromptDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         reward_fraction: float = 0.0,
+        public_fraction: float = PUBLIC_FRACTION,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -83,6 +95,7 @@ class PromptDataModule(L.LightningDataModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._provenance: dict | None = None
 
     @property
     def dataset_size(self) -> int:
@@ -91,22 +104,29 @@ class PromptDataModule(L.LightningDataModule):
             raise RuntimeError("PromptDataModule.dataset_size is known only after setup()")
         return len(self.train_set)
 
+    def split_provenance(self) -> dict:
+        """Where the training prompts come from (``lit_dprl.data.splits.split_provenance``); after ``setup``."""
+        if self._provenance is None:
+            raise RuntimeError("PromptDataModule.split_provenance() is known only after setup()")
+        return self._provenance
+
     def raw_prompts(self) -> tuple[list[str], list[str]]:
         """Untokenized ``(train, validation)`` prompts."""
         hp = self.hparams
+        key = split_key(hp.seed)
         if hp.source == IMDB:
-            splits = split_imdb(load_imdb_reviews(), seed=hp.seed, reward_fraction=hp.reward_fraction)
+            fractions = {"reward_fraction": hp.reward_fraction, "public_fraction": hp.public_fraction}
+            splits = split_imdb(load_imdb_reviews(), seed=hp.seed, **fractions)
+            self._provenance = imdb_provenance("ppo", seed=hp.seed, **fractions)
             train, val = splits["ppo"], splits["test"]
             train, val = self._limit(train, hp.max_train_prompts), self._limit(val, hp.max_val_prompts)
             words = functools.partial(
-                first_words, min_words=hp.min_prompt_words, max_words=hp.max_prompt_words
+                first_words, min_words=hp.min_prompt_words, max_words=hp.max_prompt_words, key=key
             )
-            return words(train["text"], seed=hp.seed), words(val["text"], seed=hp.seed + 1)
+            return words(train["text"], train[UNIT_COLUMN]), words(val["text"], val[UNIT_COLUMN])
         dataset = load_local_dataset(hp.source)
         require_columns(dataset, [hp.prompt_field], hp.source)
-        parts = assign_splits(
-            dataset, {"train": 1 - hp.val_fraction, "validation": hp.val_fraction}, seed=hp.seed
-        )
+        parts, self._provenance = holdout(dataset, hp.val_fraction, key, file_dataset_name(hp.source), False)
         train = self._limit(parts["train"], hp.max_train_prompts)
         val = self._limit(parts["validation"], hp.max_val_prompts)
         where = f"{hp.source}"

@@ -16,10 +16,16 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_dprl.data.files import load_bundled_or_local, require_columns, text_column
-from lit_dprl.data.imdb import ROTTEN_TOMATOES, load_imdb_reviews, load_rotten_tomatoes, split_imdb
+from lit_dprl.data.files import load_public_or_local, require_columns, text_column
+from lit_dprl.data.imdb import (
+    PUBLIC_FRACTION,
+    imdb_provenance,
+    is_public_source,
+    load_imdb_reviews,
+    split_imdb,
+)
 from lit_dprl.data.padding import left_pad
-from lit_dprl.data.splits import assign_splits
+from lit_dprl.data.splits import holdout, split_key
 from lit_dprl.data.tldr import COMPLETION_COLUMN, PROMPT_COLUMN, tldr_sft_dataset
 from lit_dprl.models import load_tokenizer
 
@@ -88,9 +94,10 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: Model source whose tokenizer to use ("tiny", "smollm2", a .gguf path or a local model
             directory); must be the same source as the model's.
         source: "imdb" for the bundled IMDb reviews (training on the private SFT set D1 of
-            ``lit_dprl.data.imdb.split_imdb``, validating on its held-out test split), "rotten_tomatoes" for
-            the bundled PUBLIC Rotten Tomatoes sentences (public pretraining; ``val_fraction`` held out), or
-            a path to a local .jsonl/.json/.csv/.parquet file. Hub datasets are not downloaded.
+            ``lit_dprl.data.imdb.split_imdb``, validating on its held-out test split); bundled PUBLIC data
+            for public pretraining (``val_fraction`` held out): "rotten_tomatoes" (the Rotten Tomatoes
+            sentences), "imdb_public" (the public split of the IMDb reviews) or both joined by "+"; or a
+            path to a local .jsonl/.json/.csv/.parquet file. Hub datasets are not downloaded.
         format: "plain": rows are read through ``text_field`` / ``prompt_field``. "tldr": a local file of
             Reddit TL;DR posts with reference summaries, in OpenAI's layout (``subreddit``, ``title``,
             ``post``, ``summary``) or CarperAI's (``prompt``, ``label``); prompt = the TL;DR query,
@@ -99,15 +106,19 @@ class TextDataModule(L.LightningDataModule):
         prompt_field: Column with a prompt (e.g. a TL;DR post) that conditions the text but carries no loss.
         max_length: Tokens per row (prompt + completion + EOS); longer rows are cut.
         batch_size: Rows per batch (the expected batch size under DP's Poisson sampling).
-        max_train_examples: Keep only this many (randomly chosen) training rows.
-        max_val_examples: Keep only this many (randomly chosen) validation rows.
-        val_fraction: Share of a local file held out for validation (split by ``user_id`` when that column
-            exists); ignored for "imdb".
-        seed: Seed of the data splits and row subsets. Keep it the same in every stage so that the stages'
-            private sets stay disjoint.
+        max_train_examples: Keep only this many training rows (the first in keyed-hash order).
+        max_val_examples: Keep only this many validation rows (the first in keyed-hash order).
+        val_fraction: Share of a local file or public source held out for validation (by ``user_id`` when
+            that column exists, else by row); ignored for "imdb".
+        seed: The public split key ``split_key(seed)`` of the keyed-hash splits (``lit_dprl.data.splits``).
+            Keep it the same in every stage so that the stages' private sets are provably disjoint.
         num_workers: DataLoader worker processes.
         reward_fraction: Share of the private IMDb reviews set aside as the reward model's set D2 (the
             rest is halved into D1 and D3); give every stage of a pipeline the same value.
+        public_fraction: Share of the non-test IMDb reviews declared public (``split_imdb``); give every
+            stage of a pipeline the same value.
+        public_data: Declare the local file ``source`` public data (you vouch that publishing it harms no
+            one), so that a pipeline stage training on it may be left out of the privacy report.
     """
 
     def __init__(
@@ -125,6 +136,8 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         reward_fraction: float = 0.0,
+        public_fraction: float = PUBLIC_FRACTION,
+        public_data: bool = False,
     ) -> None:
         super().__init__()
         if max_length < 2:
@@ -139,14 +152,20 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= 1 or None (all rows), got {limit}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if format == "tldr" and source in (IMDB, ROTTEN_TOMATOES):
+        if format == "tldr" and (source == IMDB or is_public_source(source)):
             raise ValueError(
                 f"format='tldr' reads a local TL;DR file; pass its path as source (not {source!r})"
+            )
+        if public_data and (source == IMDB or is_public_source(source)):
+            raise ValueError(
+                f"public_data declares a local file public; source={source!r} is bundled data whose "
+                "status is fixed ('imdb' is private, 'rotten_tomatoes' and 'imdb_public' are public)"
             )
         self.save_hyperparameters()
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._provenance: dict | None = None
 
     @property
     def dataset_size(self) -> int:
@@ -157,23 +176,32 @@ class TextDataModule(L.LightningDataModule):
             )
         return len(self.train_set)
 
+    def split_provenance(self) -> dict:
+        """Where the training rows come from (``lit_dprl.data.splits.split_provenance``); after ``setup``."""
+        if self._provenance is None:
+            raise RuntimeError("TextDataModule.split_provenance() is known only after setup()")
+        return self._provenance
+
     def raw_splits(self) -> tuple[Dataset, Dataset]:
         """Untokenized ``(train, validation)`` rows before the example limits."""
-        source = self.hparams.source
+        hp = self.hparams
+        source = hp.source
         if source == IMDB:
-            splits = split_imdb(
-                load_imdb_reviews(), seed=self.hparams.seed, reward_fraction=self.hparams.reward_fraction
-            )
+            fractions = {"reward_fraction": hp.reward_fraction, "public_fraction": hp.public_fraction}
+            splits = split_imdb(load_imdb_reviews(), seed=hp.seed, **fractions)
+            self._provenance = imdb_provenance("sft", seed=hp.seed, **fractions)
             return splits["sft"], splits["test"]
-        dataset = load_bundled_or_local(
+        dataset, name, public = load_public_or_local(
             source,
-            {ROTTEN_TOMATOES: load_rotten_tomatoes},
-            "Or use source='imdb' for the bundled IMDb reviews (or 'rotten_tomatoes' for public sentences).",
+            hp.seed,
+            hp.public_fraction,
+            hp.public_data,
+            "Or use source='imdb' for the bundled IMDb reviews (or 'rotten_tomatoes' / 'imdb_public' for "
+            "public text).",
         )
-        if self.hparams.format == "tldr":
+        if hp.format == "tldr":
             dataset = tldr_sft_dataset(dataset, source)
-        fractions = {"train": 1.0 - self.hparams.val_fraction, "validation": self.hparams.val_fraction}
-        parts = assign_splits(dataset, fractions, seed=self.hparams.seed)
+        parts, self._provenance = holdout(dataset, hp.val_fraction, split_key(hp.seed), name, public)
         return parts["train"], parts["validation"]
 
     def fields(self) -> tuple[str, str | None]:
