@@ -33,7 +33,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lit_dprl.data.splits import PROVENANCE_KEY
 from lit_dprl.evaluation import evaluate_policy, format_epsilon, save_json, write_markdown_samples
 from lit_dprl.privacy.accounting import make_accountant
-from lit_dprl.privacy.report import REPORT_NAME
+from lit_dprl.privacy.report import REPORT_NAME, is_export
 
 DATA_SPLIT_FILE = "data_split.json"
 STAGE_FIELDS = ("epsilon", "delta", "steps", "sample_rate", "noise_multiplier")
@@ -106,9 +106,9 @@ def stage_dir(run_dir: Path, name: str) -> Path:
 
 
 def is_finished(run_dir: Path, stage: Stage) -> bool:
-    """A stage is finished once its export and the record of its data split exist."""
+    """A stage is finished once its export is complete (its marker, written last) and its data split recorded."""
     export = stage_dir(run_dir, stage.name)
-    return (export / "config.json").is_file() and (export / DATA_SPLIT_FILE).is_file()
+    return is_export(export) and (export / DATA_SPLIT_FILE).is_file()
 
 
 def record_data_split(datamodule: Any, export: Path) -> None:
@@ -236,8 +236,17 @@ def combined_privacy_report(reports: dict[str, dict[str, Any]], overlapping_user
         accountant_name = next(iter(reports.values()))["accountant"]
         accountant = make_accountant(accountant_name)
         accountant.history = [
-            (r["batch_noise_multiplier"], r["sample_rate"], r["steps"]) for r in reports.values()
-        ]
+            (entry["batch_noise_multiplier"], entry["sample_rate"], entry["batches"])
+            for r in reports.values()
+            for entry in r.get("accounting_history")
+            or [
+                {
+                    "batch_noise_multiplier": r["batch_noise_multiplier"],
+                    "sample_rate": r["sample_rate"],
+                    "batches": r["steps"],
+                }
+            ]
+        ]  # every (σ_batch, q) setting of every stage, resumes with other settings included
         delta = min(deltas)
         epsilon = float(accountant.get_epsilon(delta=delta))
         composition += f"; {accountant_name} accountant"

@@ -23,6 +23,7 @@ from lit_dprl.pipeline import (
     stage_report,
 )
 from lit_dprl.privacy.accounting import epsilon_after
+from lit_dprl.privacy.report import EXPORT_MARKER
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,7 @@ def fake_train(provenance_of: dict[str, dict]):
         export = Path(next(a.split("=", 1)[1] for a in args if a.startswith("--model.init_args.export_dir=")))
         export.mkdir(parents=True, exist_ok=True)
         (export / "config.json").write_text("{}")
+        (export / EXPORT_MARKER).write_text("{}")  # real stages write it last (privacy.report.write_export)
         split = provenance_of[args[2]]
         if "--trainer.callbacks=[]" not in args:
             (export / "privacy.json").write_text(

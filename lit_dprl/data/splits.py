@@ -22,13 +22,15 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, Features, Value
 
+from lit_dprl.privacy.report import DATA_SPLIT_KEY
+
 USER_COLUMN = "user_id"
 UNIT_COLUMN = "unit_id"  # added to every split: the stable id of the row's privacy unit
 SPLIT_PURPOSE = "split"
 ORDER_PURPOSE = "order"
 HOLDOUT_PURPOSE = "holdout"  # train/validation split of one source (nests inside any SPLIT_PURPOSE split)
 KEY_PREFIX = "lit_dprl-split-v1"
-PROVENANCE_KEY = "data_split"  # where a privacy.json carries a data module's split_provenance()
+PROVENANCE_KEY = DATA_SPLIT_KEY  # where a privacy.json carries a data module's split_provenance()
 ASSIGNMENT = "u = HMAC-SHA256(key, purpose ‖ 0x00 ‖ unit id)[:8] / 2^64; a unit goes to the split whose interval of cumulative fractions holds u"
 
 

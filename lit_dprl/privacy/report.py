@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 
 REPORT_NAME = "privacy.json"
 EXPORT_MARKER = "export_complete.json"
+DATA_SPLIT_KEY = "data_split"  # where a report carries the data module's split_provenance()
 ROW_UNIT = "one training example (one row of the training dataset)"
 
 
@@ -67,11 +68,15 @@ def trainer_report(trainer: pl.Trainer) -> dict[str, Any]:
         cb for cb in trainer.callbacks if isinstance(cb, callback_module.DPCallback)
     ]  # fmt: skip
     if callbacks and callbacks[0].delta is not None:
-        return callbacks[0].report()
-    report = non_private_report()
-    metadata = stage_metadata(trainer.lightning_module)
-    if metadata is not None:
-        report["stage"] = metadata
+        report = callbacks[0].report()
+    else:
+        report = non_private_report()
+        metadata = stage_metadata(trainer.lightning_module)
+        if metadata is not None:
+            report["stage"] = metadata
+    provenance = getattr(trainer.datamodule, "split_provenance", None)
+    if callable(provenance):
+        report[DATA_SPLIT_KEY] = provenance()  # which split of which keyed partition the stage trained on
     return report
 
 
