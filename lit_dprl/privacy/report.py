@@ -1,0 +1,3 @@
+"""The privacy report written next to every trained model."""
+
+REPORT_NAME = "privacy.json"
