@@ -151,7 +151,7 @@ def response_logits(
     output_hidden_states: bool = False,
 ):
     """``logits / temperature`` at the positions that predict the response tokens ``[B, T, V]`` (the only
-    logits computed, divided in place), and the model output (for hidden states)."""
+    logits computed), and the model output (for hidden states)."""
     keep = torch.arange(context_length - 1, query_responses.shape[1] - 1, device=query_responses.device)
     out = model(
         input_ids=query_responses,
@@ -160,7 +160,7 @@ def response_logits(
         output_hidden_states=output_hidden_states,
         logits_to_keep=keep,
     )
-    return out.logits.div_(temperature), out
+    return out.logits / temperature, out
 
 
 def sampling_logprobs(

@@ -237,13 +237,15 @@ def completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sampling-distribution log-probs ``[R, G, T]`` of ``responses`` (rows ``rows`` of ``packed``) under
     ``model``, and ``value_head``'s values ``[R, G, T]`` on the last hidden states (None without a head).
-    The one ``[R, G·T, V]`` logits tensor is scaled and masked in place."""
+    One ``[R, G·T, V]`` logits tensor is kept (scaled, then masked in place)."""
     out = packed_forward(model, packed, rows, output_hidden_states=value_head is not None)
-    logits = out.logits.view(*responses.shape, -1).div_(temperature)
+    hidden = out.hidden_states[-1][:, packed.keep] if value_head is not None else None
+    logits = out.logits.view(*responses.shape, -1) / temperature  # not in place: hooks may wrap the output
+    del out  # the model's own logits are not needed for backward: one [R, G·T, V] tensor remains
     logprobs = sampling_logprobs(logits, responses, tokenizer, min_new_tokens)
     if value_head is None:
         return logprobs, None
-    return logprobs, value_head(out.hidden_states[-1][:, packed.keep]).view(responses.shape)
+    return logprobs, value_head(hidden).view(responses.shape)
 
 
 def group_advantages(

@@ -51,7 +51,12 @@ def test_one_row_draws_generates_tokens_and_log_probs_with_the_same_seed(tiny):
         torch.manual_seed(seed)
         expected_tokens, expected_logprobs = generate(model, tokenizer, encoded)
         ours = sample_with_logprobs(
-            model, tokenizer, encoded["input_ids"], encoded["attention_mask"], row_generators([seed]), **SAMPLING
+            model,
+            tokenizer,
+            encoded["input_ids"],
+            encoded["attention_mask"],
+            row_generators([seed]),
+            **SAMPLING,
         )
         assert torch.equal(ours.tokens, expected_tokens), prompt
         valid = response_mask(ours.tokens, tokenizer.eos_token_id)
