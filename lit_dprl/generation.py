@@ -1,6 +1,22 @@
-"""Sampling responses and scoring their tokens — shared by PPO rollouts and evaluation."""
+"""Sampling responses and scoring their tokens — shared by PPO rollouts and evaluation.
+
+The sampling distribution is that of Hugging Face ``generate(do_sample=True, top_k=0, top_p=1.0,
+temperature=τ, min_new_tokens=m, suppress_tokens=[pad])``: at response step ``t``, with logits ``z_t``,
+
+    q_t(v) = exp(z_t[v] / τ) / Σ_{u ∈ A_t} exp(z_t[u] / τ)   for v ∈ A_t, 0 otherwise,
+    A_t = vocabulary \\ {pad} \\ ({EOS} if t < m),
+
+and a response ends after its first EOS. Every log-prob used for PPO ratios and KL is ``log q_t``.
+
+Each row draws its tokens with its own ``torch.Generator``: row ``b``'s tokens are a function of its prompt and
+its generator only, never of the other rows or of the global RNG (the DP rollout gives every prompt its own
+secret stream).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -9,7 +25,88 @@ from lit_dprl.models import position_ids_from_mask
 from lit_dprl.rl import response_mask, truncate_after_eos
 
 
+def block_disallowed_(
+    scores: torch.Tensor, tokenizer: PreTrainedTokenizerBase, min_new_tokens: int, first_step: int = 0
+) -> torch.Tensor:
+    """Set the tokens outside ``A_t`` to ``-inf`` in place and return ``scores`` (``[..., T, V]``, step ``t`` of
+    index ``i`` along ``T`` being ``first_step + i``): pad everywhere, EOS at steps ``t < min_new_tokens``."""
+    scores[..., tokenizer.pad_token_id] = float("-inf")
+    scores[..., : max(0, min_new_tokens - first_step), tokenizer.eos_token_id] = float("-inf")
+    return scores
+
+
+def row_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One ``torch.Generator`` per row, seeded with ``seeds[b]``."""
+    return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+
+class Samples(NamedTuple):
+    """Sampled responses, both ``[B, T]`` with ``T <= max_new_tokens``."""
+
+    tokens: torch.Tensor
+    """Response tokens; pad after the first EOS."""
+    logprobs: torch.Tensor
+    """``log q_t`` of each sampled token; 0 after the first EOS."""
+
+
 @torch.no_grad()
+def sample_with_logprobs(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    *,
+    temperature: float,
+    min_new_tokens: int,
+    max_new_tokens: int,
+) -> Samples:
+    """Sample continuations of left-padded prompts with a KV cache, row ``b`` drawing from ``generators[b]``.
+
+    Each step draws ``torch.multinomial(q_t, 1)`` per row, as ``generate`` does for the whole batch, so a
+    one-row batch with a generator seeded like the global RNG gives ``generate``'s tokens. The loop stops when
+    every row has sampled EOS; finished rows are fed the pad token, as in ``generate``.
+    """
+    batch = input_ids.shape[0]
+    if len(generators) != batch:
+        raise ValueError(f"need one generator per row: got {len(generators)} for {batch} rows")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    positions = position_ids_from_mask(attention_mask)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    next_position = positions[:, -1:] + 1
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    tokens, logprobs = [], []
+    for step in range(max_new_tokens):
+        scores = out.logits[:, -1].float() / temperature
+        block_disallowed_(scores.unsqueeze(1), tokenizer, min_new_tokens, first_step=step)
+        probs = torch.softmax(scores, dim=-1)
+        drawn = torch.full((batch,), pad, dtype=torch.long, device=input_ids.device)
+        for row in unfinished.nonzero().flatten().tolist():
+            drawn[row] = torch.multinomial(probs[row], 1, generator=generators[row])[0]
+        logq = torch.log_softmax(scores, dim=-1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+        tokens.append(drawn)
+        logprobs.append(torch.where(unfinished, logq, 0.0))
+        unfinished &= drawn != eos
+        if not unfinished.any() or step + 1 == max_new_tokens:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        out = model(
+            input_ids=drawn.unsqueeze(-1),
+            attention_mask=attention_mask,
+            position_ids=next_position,
+            cache=out.cache,
+            use_cache=True,
+        )
+        next_position = next_position + 1
+    return Samples(torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1))
+
+
 def sample_responses(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -20,25 +117,13 @@ def sample_responses(
     min_new_tokens: int,
     max_new_tokens: int,
 ) -> torch.Tensor:
-    """Sampled continuations ``[B, T]`` of left-padded prompts (KV-cached ``generate``, top-k 0, top-p 1).
-
-    EOS may end a response after ``min_new_tokens``; the pad token is never sampled, so after truncation
-    every pad is padding.
-    """
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        temperature=temperature,
-        min_new_tokens=min_new_tokens,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=[tokenizer.pad_token_id],
-    )
-    return output[:, input_ids.shape[1] :]
+    """Sampled continuations ``[B, T]`` (pad after EOS), each row's generator seeded from the global torch RNG
+    (evaluation of public prompts; a DP rollout passes secret per-row generators to :func:`sample_with_logprobs`)."""
+    seeds = torch.randint(2**62, (input_ids.shape[0],)).tolist()
+    return sample_with_logprobs(
+        model, tokenizer, input_ids, attention_mask, row_generators(seeds, input_ids.device),
+        temperature=temperature, min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens,
+    ).tokens  # fmt: skip
 
 
 def join_prompts_and_responses(
@@ -65,33 +150,34 @@ def response_logits(
     temperature: float = 1.0,
     output_hidden_states: bool = False,
 ):
-    """``(logits / temperature)`` at the positions that predict the response tokens ``[B, T, V]``, and the
-    model output (for hidden states)."""
+    """``logits / temperature`` at the positions that predict the response tokens ``[B, T, V]`` (the only
+    logits computed), and the model output (for hidden states)."""
+    keep = torch.arange(context_length - 1, query_responses.shape[1] - 1, device=query_responses.device)
     out = model(
         input_ids=query_responses,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         output_hidden_states=output_hidden_states,
+        logits_to_keep=keep,
     )
-    return out.logits[:, context_length - 1 : -1] / temperature, out
+    return out.logits / temperature, out
 
 
 def sampling_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, tokenizer: PreTrainedTokenizerBase, min_new_tokens: int
 ) -> torch.Tensor:
-    """Log-probs ``[B, T]`` of response ``tokens`` under the distribution ``sample_responses`` draws from.
+    """Log-probs ``log q_t(y_t)`` of response ``tokens`` ``[..., T]`` under the sampling distribution, from
+    temperature-scaled ``logits`` ``[..., T, V]``: ``z_t[y_t] − log Σ_{v ∈ A_t} exp z_t[v]``.
 
-    ``generate`` never samples the pad token, nor EOS before ``min_new_tokens``, so the sampling
-    distribution at step t is the softmax of the (temperature-scaled) logits over the allowed tokens A_t:
-    ``log q(y_t) = z_t[y_t] − log Σ_{v ∈ A_t} exp z_t[v]``. Scoring with the plain softmax instead biases the
-    policy gradient (its ``∇ log(1 − p_blocked)`` term) and the KL estimates. The target's logit is read
-    unmasked, so the padding after EOS (masked out downstream) stays finite.
+    Scoring with the plain softmax instead biases the policy gradient (its ``∇ log(1 − q_blocked)`` term) and
+    the KL estimates. To keep a single ``[..., T, V]`` tensor, ``logits`` is overwritten (blocked tokens set to
+    ``-inf``): pass logits that are not needed afterwards. Positions after the first EOS read an allowed token,
+    so the padding there (masked out downstream) stays finite.
     """
-    allowed = logits.to(torch.float32, copy=True)
-    allowed[..., tokenizer.pad_token_id] = float("-inf")
-    allowed[:, :min_new_tokens, tokenizer.eos_token_id] = float("-inf")
-    target = torch.gather(logits.float(), -1, tokens.unsqueeze(-1)).squeeze(-1)
-    return target - allowed.logsumexp(dim=-1)
+    logits = block_disallowed_(logits.float(), tokenizer, min_new_tokens)
+    allowed = next(i for i in range(3) if i not in (tokenizer.pad_token_id, tokenizer.eos_token_id))
+    targets = torch.where(response_mask(tokens, tokenizer.eos_token_id), tokens, allowed)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
 def response_logprobs(

@@ -5,24 +5,39 @@
 - :class:`SequenceClassifierReward` scores texts with a local Hugging Face sequence classifier
   (a public sentiment classifier, or a reward model saved by stage 2);
 - :func:`vowel_fraction` is a toy reward for tests and tiny runs.
+
+**Contract (DP).** A reward must score each response on its own: ``reward(prompts, responses)[i]`` may depend
+on ``prompts[i]`` and ``responses[i]`` only, never on the other rows (no normalisation across the batch, no
+ranking, no state carried between calls). Otherwise one prompt's presence changes the others' rewards and the
+per-prompt sensitivity is no longer the clipping norm. PPO therefore calls a ``reward_function`` with ONE
+response per call (``score_responses(..., one_at_a_time=True)``), so it cannot see other rows; the built-in
+classifier and reward-model scorers batch, and their tests show that their scores do not depend on the batch.
+
+**Provenance.** :func:`read_input_report` reads the ``privacy.json`` of a model directory that a stage
+consumes; :func:`reward_source_hazards` says when a DP run must refuse a reward source trained on private data
+without DP.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lit_dprl.models import position_ids_from_mask
+from lit_dprl.privacy.report import REPORT_NAME
 
 
 class RewardFunction(Protocol):
-    """``reward(prompts, responses) -> scores`` with ``len(scores) == len(responses)``."""
+    """``reward(prompts, responses) -> scores`` with ``len(scores) == len(responses)``; ``scores[i]`` depends on
+    ``(prompts[i], responses[i])`` alone (see the module docstring)."""
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]: ...
 
@@ -59,10 +74,23 @@ def load_reward_callable(spec: str) -> RewardFunction:
 
 
 def score_responses(
-    reward: RewardFunction, prompts: list[str], responses: list[str], device: torch.device | str = "cpu"
+    reward: RewardFunction,
+    prompts: list[str],
+    responses: list[str],
+    device: torch.device | str = "cpu",
+    one_at_a_time: bool = False,
 ) -> torch.Tensor:
-    """Call ``reward`` and return its scores as a float32 tensor ``[B]``, checking length and finiteness."""
-    scores = torch.as_tensor(list(reward(prompts, responses)), dtype=torch.float32, device=device)
+    """Call ``reward`` and return its scores as a float32 tensor ``[B]``, checking length and finiteness.
+
+    ``one_at_a_time``: call it once per (prompt, response), so that it cannot see the other rows.
+    """
+    if one_at_a_time:
+        values = [
+            value for pair in zip(prompts, responses, strict=True) for value in reward([pair[0]], [pair[1]])
+        ]
+    else:
+        values = list(reward(prompts, responses))
+    scores = torch.as_tensor(values, dtype=torch.float32, device=device)
     if scores.shape != (len(responses),):
         raise ValueError(
             f"the reward function returned {tuple(scores.shape)} values for {len(responses)} responses; "
@@ -197,3 +225,51 @@ def vowel_fraction(prompts: list[str], responses: list[str]) -> list[float]:
     increase within a few PPO steps.
     """
     return [sum(c in VOWELS for c in r) / max(1, len(r)) for r in responses]
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def read_input_report(source: str | None) -> dict[str, Any] | None:
+    """The ``privacy.json`` of a model directory, or None (no directory, no report)."""
+    if source is None or not (Path(source) / REPORT_NAME).is_file():
+        return None
+    return json.loads((Path(source) / REPORT_NAME).read_text())
+
+
+def non_private_on_private_data(report: dict[str, Any]) -> bool:
+    """Whether a report describes training on private data without DP: ε = ∞ or ``differentially_private``
+    false, unless the report says ``"private_data": false``."""
+    epsilon = report.get("epsilon")
+    finite = isinstance(epsilon, int | float) and math.isfinite(epsilon)
+    not_dp = report.get("differentially_private") is False or not finite
+    return not_dp and report.get("private_data", True) is not False
+
+
+def reward_source_hazards(
+    reports: dict[str, dict[str, Any] | None], declared_public: dict[str, bool]
+) -> list[str]:
+    """Why a DP run must not use these reward sources (``reports``: ``"reward_model"``/``"reward_classifier"``
+    -> its ``privacy.json`` or None; ``declared_public``: the user's ``*_is_public`` flags).
+
+    A reward source trained on private data without DP couples every update to all of its training data. A
+    reward model needs a report (stage 2 writes one); a classifier without a report is taken as public (a
+    public sentiment classifier); any source whose report says non-private on private data is refused.
+    """
+    hazards = []
+    for name in ("reward_model", "reward_classifier"):
+        if name not in reports or declared_public.get(name, False):
+            continue
+        report = reports[name]
+        advice = f"train it with DPCallback, or set {name}_is_public=true if it saw only public data"
+        if report is None and name == "reward_model":
+            hazards.append(
+                f"the reward_model has no {REPORT_NAME}: a non-private reward model trained on private data "
+                f"couples every update to all of its data ({advice})"
+            )
+        elif report is not None and non_private_on_private_data(report):
+            hazards.append(
+                f"the {name} was trained on private data without DP (its {REPORT_NAME} reports epsilon = "
+                f"{report.get('epsilon')}): every update would depend on all of its training data ({advice})"
+            )
+    return hazards

@@ -1,13 +1,14 @@
 """PPO-for-language-models math as small pure functions on tensors (cleanrl style).
 
-Shapes: ``B`` rows (one row = one prompt = one privacy unit), ``T`` response tokens, ``V`` vocabulary.
+Shapes: ``B`` rows (one row = one completion), ``T`` response tokens, ``V`` vocabulary; ``P`` prompts with
+``G`` completions each (``B = P·G``; ``G = 1`` for PPO with GAE). One prompt is one privacy unit.
 Per-token tensors are ``[B, T]`` and aligned to the *response* tokens: position ``t`` holds the
 log-prob / value / reward of response token ``t``. ``mask`` marks the valid response tokens (those up to
-and including the first EOS).
+and including the first EOS). Group tensors are ``[P, G]``.
 
-Every function here except :func:`masked_whiten` and the KL controllers works row by row: changing
-one row of the inputs changes only that row of the outputs, as the DP contract requires. The per-example
-losses return shape ``[B]``; the training loss is their plain ``.mean()``.
+Every function here except :func:`masked_whiten` and the KL controllers works row by row (group by group
+for ``[P, G]`` inputs): changing one prompt's inputs changes only that prompt's outputs, as the DP contract
+requires. The per-example losses return shape ``[B]``; the training loss is their plain ``.mean()``.
 """
 
 from __future__ import annotations
@@ -96,6 +97,41 @@ def apply_missing_eos_penalty(
     if penalty < 0:
         raise ValueError(f"missing_eos_penalty is subtracted from the score and must be >= 0, got {penalty}.")
     return torch.where(contains_eos.bool(), scores, scores - penalty)
+
+
+def sequence_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Sequence-level KL-penalised reward (TRL RLOO's ``rlhf_reward``), ``[..., T] -> [...]``:
+    ``R = score - β · Σ_{t∈M} kl_t``."""
+    return scores - kl_coef * torch.where(mask.bool(), kl, 0.0).sum(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024), ``[P, G] -> [P, G]``::
+
+        A_{p,g} = r_{p,g} - (1/(G-1)) · Σ_{h≠g} r_{p,h}
+
+    The baseline of a completion is the mean reward of the other ``G - 1`` completions of the same prompt.
+    """
+    group = rewards.size(-1)
+    if group < 2:
+        raise ValueError(f"RLOO needs at least 2 completions per prompt, got {group}.")
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (group - 1)
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (GRPO, Shao et al. 2024; TRL's ``scale_rewards="group"``), ``[P, G] -> [P, G]``::
+
+        A_{p,g} = (r_{p,g} - mean_h r_{p,h}) / (std_h r_{p,h} + eps)
+
+    with the sample standard deviation (Bessel's correction, as ``torch.std``) of the prompt's own ``G``
+    rewards; a group of equal rewards gets advantages 0.
+    """
+    group = rewards.size(-1)
+    if group < 2:
+        raise ValueError(f"GRPO needs at least 2 completions per prompt, got {group}.")
+    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + eps)
 
 
 def generalized_advantage_estimation(

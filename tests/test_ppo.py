@@ -1,4 +1,5 @@
-"""Stage 3: PPO module invariants, DP neighbouring behaviour, accounting, refusals, resume."""
+"""Stage 3: PPO/RLOO/GRPO module invariants, Opacus per-example gradients, accounting, refusals, provenance,
+resume, learning. (Per-prompt randomness, packing and neighbouring behaviour: tests/test_rollout.py.)"""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from dp_accounting import rdp
-from opacus.grad_sample import GradSampleHooks
 
 from lit_dprl.data.prompts import PromptDataModule
 from lit_dprl.privacy import DPCallback, DPConfigurationError
-from lit_dprl.stages.ppo import PPOModule, minibatch_indices
+from lit_dprl.stages.ppo import PPOModule
+from tests.test_rewards import save_tiny_classifier
 
 REWARD = "tests.toy_modules:mean_char_code"
 WORDS = [
@@ -80,13 +81,13 @@ def first_batch(prompt_file, batch_size=8):
     return next(iter(data.train_dataloader()))
 
 
-def test_first_minibatch_ratio_is_one_and_kl_is_zero_at_init(prompt_file):
-    torch.manual_seed(0)
-    module = make_module()
+@pytest.mark.parametrize("settings", [{}, {"advantage_estimator": "grpo", "samples_per_prompt": 3}])
+def test_first_minibatch_ratio_is_one_and_kl_is_zero_at_init(prompt_file, settings):
+    module = make_module(rollout_seed=0, **settings)
     rollout = module.rollout(first_batch(prompt_file))
-    # fresh LoRA adapter (B = 0): the policy equals the reference
-    torch.testing.assert_close(rollout.logprobs, rollout.ref_logprobs, rtol=0, atol=1e-6)
-    assert rollout.kl.abs().max() < 1e-6
+    # fresh LoRA adapter (B = 0): the policy equals the reference; the sampling loop's log-probs are the old ones
+    torch.testing.assert_close(rollout.logprobs, rollout.ref_logprobs, rtol=0, atol=1e-5)
+    assert rollout.kl.abs().max() < 1e-5
     _, stats = module.minibatch_loss(rollout, torch.arange(rollout.responses.shape[0]))
     torch.testing.assert_close(stats["ratio"], torch.ones_like(stats["ratio"]), rtol=0, atol=1e-5)
     assert stats["approxkl"].abs().max() < 1e-9
@@ -105,55 +106,64 @@ def test_one_update_changes_adapter_and_value_head_only(prompt_file, tmp_path):
     assert all(torch.equal(params[n], before) for n, before in frozen.items())  # the reference body
 
 
-def test_minibatch_assignment_independent_is_per_row():
-    g = torch.Generator().manual_seed(0)
-    parts = minibatch_indices(10, 4, "independent", g)
-    assert sorted(torch.cat(parts).tolist()) == list(range(10))
-    # the first 10 rows of a batch of 11 land where they landed in the batch of 10
-    g11 = torch.Generator().manual_seed(0)
-    parts11 = minibatch_indices(11, 4, "independent", g11)
-    assign10 = {r: m for m, rows in enumerate(parts) for r in rows.tolist()}
-    assign11 = {r: m for m, rows in enumerate(parts11) for r in rows.tolist()}
-    assert all(assign11[r] == assign10[r] for r in range(10))
+def test_critic_free_estimators_have_no_value_head_and_need_groups():
+    module = make_module(advantage_estimator="rloo", samples_per_prompt=2)
+    assert module.value_head is None
+    optimized = [p for group in module.configure_optimizers().param_groups for p in group["params"]]
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert optimized and all("lora_" in names[id(p)] for p in optimized)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        make_module(advantage_estimator="grpo", samples_per_prompt=1)
+    with pytest.raises(ValueError, match="one completion per prompt"):
+        make_module(samples_per_prompt=4)
+    with pytest.raises(ValueError, match="'gae', 'rloo' or 'grpo'"):
+        make_module(advantage_estimator="ppo")
 
 
-def per_example_grads(module, rollout):
-    hooks = GradSampleHooks(module, loss_reduction="mean")
-    try:
-        module.zero_grad()
-        for p in module.parameters():
-            p.grad_sample = None
-        loss, _ = module.minibatch_loss(rollout, torch.arange(rollout.responses.shape[0]))
-        loss.backward()
-        return torch.cat(
-            [p.grad_sample.flatten(1) for p in module.parameters() if p.requires_grad], dim=1
-        ).detach()
-    finally:
-        hooks.cleanup()
+class RecordingPPO(PPOModule):
+    """One optimizer step on the whole batch, recording the rollout, the parameters and Opacus's grad samples."""
+
+    def training_step(self, batch, batch_idx):
+        rollout = self.rollout(batch)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        self.recorded = {"rollout": rollout, "params": {n: p.detach().clone() for n, p in trainable}}
+        loss, _ = self.minibatch_loss(rollout, torch.arange(rollout.responses.shape[0]))
+        self.manual_backward(loss)
+        self.recorded["grad_sample"] = {n: p.grad_sample.detach().clone() for n, p in trainable}
+        optimizer.step()
 
 
-def test_changing_one_prompt_changes_only_its_per_example_gradient(prompt_file):
+@pytest.mark.parametrize("settings", [{}, {"advantage_estimator": "grpo", "samples_per_prompt": 3}])
+def test_opacus_per_example_gradients_equal_a_per_prompt_loop(prompt_file, tmp_path, settings):
+    """Through DPCallback's hooks (σ = 0): LoRA + value head (gae), or LoRA alone with G = 3 completions packed
+    per prompt (grpo), give one per-example gradient per prompt, equal to the gradient of that prompt's loss
+    computed alone (a batch of one)."""
     torch.manual_seed(0)
-    module = make_module(learning_rate=1e-2)
-    with torch.no_grad():  # move away from the zero value head / zero LoRA B so all gradients are non-trivial
+    module = RecordingPPO(
+        **(dict(model="tiny", reward_function=REWARD, max_new_tokens=6, min_new_tokens=2) | settings)
+    )
+    with torch.no_grad():  # non-zero LoRA B and value head, so every gradient is non-trivial
         for p in module.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    batch = first_batch(prompt_file)
-    neighbour = {k: v.clone() for k, v in batch.items()}
-    row = 2
-    valid = neighbour["attention_mask"][row].bool()
-    neighbour["input_ids"][row, valid] = module.tokenizer("x" * int(valid.sum()), add_special_tokens=False)[
-        "input_ids"
-    ][0]
-    torch.manual_seed(1)
-    rollout_a = module.rollout(batch)
-    torch.manual_seed(1)
-    rollout_b = module.rollout(neighbour)
-    grads_a, grads_b = per_example_grads(module, rollout_a), per_example_grads(module, rollout_b)
-    others = [i for i in range(grads_a.shape[0]) if i != row]
-    torch.testing.assert_close(grads_a[others], grads_b[others], rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(grads_a[row], grads_b[row])
+    cb = DPCallback(noise_multiplier=0.0, max_grad_norm=1e6, accountant="rdp", sampling_seed=0, noise_seed=0)
+    make_trainer(tmp_path, [cb], max_steps=1).fit(module, make_data(prompt_file))
+    recorded = module.recorded
+    prompts = recorded["rollout"].responses.shape[0]
+    assert all(g.shape[0] == prompts for g in recorded["grad_sample"].values())
+    assert any("value_head" in n for n in recorded["grad_sample"]) == (module.value_head is not None)
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in recorded["params"].items():
+            params[name].copy_(value)
+    for row in range(prompts):
+        module.zero_grad()
+        loss, _ = module.minibatch_loss(recorded["rollout"], torch.tensor([row]))
+        loss.backward()
+        for name, grad_sample in recorded["grad_sample"].items():
+            torch.testing.assert_close(grad_sample[row], params[name].grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("epochs,minibatches", [(1, 1), (4, 1), (1, 4), (4, 4)])
@@ -179,6 +189,7 @@ def test_epsilon_matches_dp_accounting_for_reused_batches(prompt_file, tmp_path,
         ({"whiten_advantages": True}, "whiten_advantages"),
         ({"adaptive_kl": True}, "adaptive_kl"),
         ({"minibatch_assignment": "permutation", "num_mini_batches": 2}, "permutation"),
+        ({"lora_dropout": 0.1}, "lora_dropout"),
     ],
 )
 def test_batch_statistics_are_refused_under_dp_and_allowed_without(prompt_file, tmp_path, setting, message):
@@ -200,7 +211,17 @@ def test_dp_ppo_with_a_dp_reward_model_from_stage_2(tmp_path, prompt_file):
     module = make_module(reward_function=None, reward_model=str(rm_dir))
     make_trainer(tmp_path, [cb], max_steps=2).fit(module, make_data(prompt_file))
     assert cb.steps == 2
-    # the same directory without its privacy report is refused under DP unless declared public
+    assert module.privacy_metadata()["inputs"]["reward_model"] == json.loads(
+        (rm_dir / "privacy.json").read_text()
+    )
+    # a report of a non-private run on private data (ε = ∞) is refused, as is no report, unless declared public
+    (rm_dir / "privacy.json").write_text(
+        json.dumps({"epsilon": float("inf"), "differentially_private": False})
+    )
+    with pytest.raises(DPConfigurationError, match=r"reward_model was trained on private data without DP"):
+        make_trainer(tmp_path, [DPCallback(noise_multiplier=1.0)], max_steps=1).fit(
+            make_module(reward_function=None, reward_model=str(rm_dir)), make_data(prompt_file)
+        )
     (rm_dir / "privacy.json").unlink()
     with pytest.raises(DPConfigurationError, match=r"privacy\.json"):
         make_trainer(tmp_path, [DPCallback(noise_multiplier=1.0)], max_steps=1).fit(
@@ -208,6 +229,70 @@ def test_dp_ppo_with_a_dp_reward_model_from_stage_2(tmp_path, prompt_file):
         )
     public = make_module(reward_function=None, reward_model=str(rm_dir), reward_model_is_public=True)
     assert public.privacy_hazards() == []
+
+
+@pytest.mark.parametrize(
+    "report,declared_public,refused",
+    [
+        ({"epsilon": float("inf"), "differentially_private": False}, False, True),
+        ({"epsilon": float("inf"), "differentially_private": False}, True, False),
+        ({"epsilon": float("inf"), "differentially_private": False, "private_data": False}, False, False),
+        ({"epsilon": 3.0, "delta": 1e-5}, False, False),
+        (None, False, False),  # a classifier without a report is taken as public
+    ],
+)
+def test_a_reward_classifier_trained_on_private_data_without_dp_is_refused(
+    tmp_path, report, declared_public, refused
+):
+    directory = save_tiny_classifier(tmp_path / "classifier", num_labels=2)
+    if report is not None:
+        (tmp_path / "classifier" / "privacy.json").write_text(json.dumps(report))
+    module = make_module(
+        reward_function=None, reward_classifier=directory, reward_classifier_is_public=declared_public
+    )
+    assert (
+        any("reward_classifier was trained on private data" in h for h in module.privacy_hazards()) == refused
+    )
+    metadata = module.privacy_metadata()
+    assert metadata["inputs"] == {"model": None, "reward_classifier": report}
+    assert metadata["declared_public"] == {"reward_classifier": declared_public}
+
+
+def test_privacy_metadata_records_the_starting_policy_report(tmp_path):
+    make_module().export(tmp_path / "sft")
+    sft_report = {"epsilon": 2.5, "delta": 1e-6, "differentially_private": True}
+    (tmp_path / "sft" / "privacy.json").write_text(json.dumps(sft_report))
+    module = make_module(model=str(tmp_path / "sft"), advantage_estimator="rloo", samples_per_prompt=4)
+    metadata = module.privacy_metadata()
+    assert metadata["inputs"] == {"model": sft_report}
+    assert (metadata["ppo_epochs"], metadata["num_mini_batches"]) == (1, 1)
+    assert (metadata["advantage_estimator"], metadata["samples_per_prompt"]) == ("rloo", 4)
+    assert metadata["secret_rollout_randomness"] and json.loads(json.dumps(metadata)) == metadata
+    assert make_module(rollout_seed=3).privacy_metadata()["secret_rollout_randomness"] is False
+
+
+def responses_in_call(prompts: list[str], responses: list[str]) -> list[float]:
+    """A reward that would normalise across the batch: it returns how many responses it was given."""
+    return [float(len(responses))] * len(responses)
+
+
+def test_a_reward_function_sees_one_response_per_call(prompt_file):
+    module = make_module(
+        reward_function="tests.test_ppo:responses_in_call", advantage_estimator="grpo", samples_per_prompt=2
+    )
+    assert torch.equal(module.rollout(first_batch(prompt_file)).scores, torch.ones(8, 2))
+
+
+def test_tiny_grpo_config_runs_through_the_cli(tmp_path):
+    from lit_dprl.cli import main
+
+    main(["fit", "--config", "configs/tiny/grpo.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+          f"--model.init_args.export_dir={tmp_path / 'model'}", "--trainer.max_steps=2"])  # fmt: skip
+    report = json.loads((tmp_path / "model" / "privacy.json").read_text())
+    assert report["steps"] == 2 and report["epsilon"] > 0
+    assert (tmp_path / "model" / "model.safetensors").is_file() and not (
+        tmp_path / "model" / "value_head.pt"
+    ).exists()
 
 
 def test_exactly_one_reward_source():
@@ -231,12 +316,15 @@ def test_checkpoint_resume_restores_ppo_state_and_accountant(prompt_file, tmp_pa
     )
     assert resumed_cb.steps == 4
     assert resumed.episodes > module.episodes
+    # the secret rollout seed and the batch counter come back: no rollout stream is reused after a resume
+    assert resumed.rollout_seed == module.rollout_seed != make_module().rollout_seed
+    assert (module.rollout_batches, resumed.rollout_batches) == (2, 4)
     straight = DPCallback(noise_multiplier=1.0, sampling_seed=0, noise_seed=0)
     make_trainer(tmp_path / "s", [straight], max_steps=4).fit(make_module(), make_data(prompt_file))
     assert resumed_cb.epsilon == pytest.approx(straight.epsilon, rel=1e-9)
 
 
-def _learn(tmp_path, prompt_rows, callbacks, batch_size, steps, epochs, lr):
+def _learn(tmp_path, prompt_rows, callbacks, batch_size, steps, epochs, lr, **settings):
     tmp_path.mkdir(parents=True, exist_ok=True)
     prompts = tmp_path / "many_prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_rows))
@@ -250,6 +338,7 @@ def _learn(tmp_path, prompt_rows, callbacks, batch_size, steps, epochs, lr):
         ppo_epochs=epochs,
         max_new_tokens=8,
         kl_coef=0.01,
+        **settings,
     )
     trainer = make_trainer(tmp_path, callbacks, max_steps=steps * epochs, limit_val_batches=1)
     before = trainer.validate(module, data, verbose=False)[0]["eval/reward"]
@@ -271,3 +360,25 @@ def test_ppo_raises_the_reward_without_and_with_dp(tmp_path):
     print(f"DP-PPO (eps={dp.epsilon:.1f}): mean vowel-fraction reward {before_dp:.3f} -> {after_dp:.3f}")
     assert after_dp > 2 * before_dp
     assert dp.epsilon <= 50.0
+
+
+def test_grpo_and_rloo_raise_the_reward_without_and_with_dp(tmp_path):
+    """Critic-free, G = 4 completions per prompt, full fine-tuning of the tiny model on the vowel-fraction reward."""
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        " ".join(WORDS[j] for j in torch.randint(len(WORDS), (3,), generator=g).tolist()) for _ in range(512)
+    ]
+    settings = dict(samples_per_prompt=4, rollout_seed=0)
+    before, after = _learn(
+        tmp_path / "rloo", rows, [], batch_size=16, steps=6, epochs=1, lr=1e-2,
+        advantage_estimator="rloo", kl_in_loss=True, **settings,
+    )  # fmt: skip
+    print(f"non-private RLOO (kl in loss): mean vowel-fraction reward {before:.3f} -> {after:.3f}")
+    assert after > 5 * before
+    dp = DPCallback(noise_multiplier=0.3, max_grad_norm=0.1, accountant="rdp", sampling_seed=0, noise_seed=0)
+    before_dp, after_dp = _learn(
+        tmp_path / "grpo", rows, [dp], batch_size=16, steps=8, epochs=1, lr=1e-2, advantage_estimator="grpo",
+        **settings,
+    )  # fmt: skip
+    print(f"DP-GRPO (eps={dp.epsilon:.1f}): mean vowel-fraction reward {before_dp:.3f} -> {after_dp:.3f}")
+    assert after_dp > 2 * before_dp

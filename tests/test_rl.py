@@ -348,6 +348,60 @@ def test_fixed_kl_controller():
         rl.FixedKLController(-0.1)
 
 
+# ---------------------------------------------------------------- group baselines (RLOO, GRPO)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 4), (5, 8)])
+def test_rloo_advantages_match_loop(shape):
+    rewards = randn(*shape, seed=40)
+    expected = torch.tensor(
+        [[r[g] - sum(r[h] for h in range(len(r)) if h != g) / (len(r) - 1) for g in range(len(r))] for r in rewards.tolist()],
+        dtype=torch.float64,
+    )  # fmt: skip
+    torch.testing.assert_close(rl.rloo_advantages(rewards), expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 4), (5, 8)])
+def test_grpo_advantages_match_loop(shape):
+    rewards = randn(*shape, seed=41)
+    expected = []
+    for row in rewards.tolist():
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((r - mean) ** 2 for r in row) / (len(row) - 1))
+        expected.append([(r - mean) / (std + 1e-4) for r in row])
+    torch.testing.assert_close(rl.grpo_advantages(rewards), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_group_baselines_hand_cases():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    assert rl.rloo_advantages(rewards).tolist() == [[-1.5, 0.0, 1.5], [0.0, 0.0, 0.0]]
+    assert rl.grpo_advantages(rewards)[1].tolist() == [0.0, 0.0, 0.0]  # equal rewards: no signal
+    torch.testing.assert_close(
+        rl.grpo_advantages(rewards)[0], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-3, rtol=0
+    )
+    for baseline in (rl.rloo_advantages, rl.grpo_advantages):
+        with pytest.raises(ValueError, match="at least 2 completions"):
+            baseline(torch.ones(3, 1))
+
+
+def test_sequence_rewards_match_loop():
+    scores, kl, mask = (
+        randn(3, 4, seed=42),
+        randn(3, 4, 6, seed=43),
+        random_prefix_mask(12, 6, seed=44).view(3, 4, 6),
+    )
+    expected = [
+        [
+            scores[p, g].item() - 0.1 * sum(kl[p, g, t].item() for t in range(6) if mask[p, g, t])
+            for g in range(4)
+        ]
+        for p in range(3)
+    ]
+    torch.testing.assert_close(
+        rl.sequence_rewards(scores, kl, mask, 0.1), torch.tensor(expected, dtype=torch.float64)
+    )
+
+
 # ---------------------------------------------------------------- no cross-row coupling
 
 
@@ -384,6 +438,9 @@ PER_EXAMPLE_FUNCTIONS = {
     ),
     "value_loss": lambda x: rl.ppo_value_loss(x["values"], x["other_values"], x["returns"], x["mask"], 0.2),
     "entropy": lambda x: (rl.entropy_from_logits(x["logits"]),),
+    "sequence_rewards": lambda x: (rl.sequence_rewards(x["scores"], x["values"], x["mask"], 0.1),),
+    "rloo": lambda x: (rl.rloo_advantages(x["values"]),),  # rows = prompts, columns = their completions
+    "grpo": lambda x: (rl.grpo_advantages(x["values"]),),
 }
 
 

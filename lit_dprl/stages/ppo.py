@@ -1,28 +1,37 @@
-"""Stage 3: PPO alignment of the policy on private prompts (DPPPO when ``DPCallback`` is attached).
+"""Stage 3: policy optimisation on private prompts (DP when ``DPCallback`` is attached): PPO with a value
+head and GAE, or critic-free RLOO / GRPO with ``G`` completions per prompt.
 
-One ``training_step`` is one rollout batch (cleanrl's loop, top to bottom):
+One ``training_step`` is one rollout batch of ``P`` prompts:
 
-1. sample responses for the batch's prompts (KV-cached ``generate``; pure sampling, top-k 0, top-p 1; every
-   log-prob is one of that sampling distribution: no pad, no EOS before ``min_new_tokens``);
-2. truncate after the first EOS; score prompt + response with the reward source;
-3. per-token reward = -β·KL(π‖π_ref) estimate, plus the score at the last response token;
-4. GAE(γ, λ) with the value head's estimates;
-5. ``ppo_epochs`` passes; each splits the batch into ``num_mini_batches`` minibatches and takes one
-   optimizer step per minibatch on ``mean_b(policy_loss_b + vf_coef·value_loss_b)``.
+1. sample ``G`` completions per prompt (KV-cached, pure sampling at the temperature, no pad, no EOS before
+   ``min_new_tokens``); each completion draws from its own stream, derived from a secret seed, the batch number
+   and the prompt (``lit_dprl.rollout``). The loop's log-probs of that sampling distribution are the "old"
+   log-probs of the ratio (no extra forward);
+2. truncate after the first EOS; score prompt + response (a ``reward_function`` sees one response per call);
+3. reference log-probs (adapter disabled, no grad) and a per-token KL estimate;
+4. advantages. ``gae``: per-token reward −β·KL plus the score at the last token, GAE(γ, λ) with the value head.
+   ``rloo`` / ``grpo``: sequence reward ``R = score − β·Σ_t KL`` (``score`` alone with ``kl_in_loss``) and the
+   baseline of the prompt's own ``G`` rewards (``lit_dprl.rl.rloo_advantages`` / ``grpo_advantages``);
+5. ``ppo_epochs`` passes; in each, every prompt joins one of ``num_mini_batches`` minibatches (drawn from its
+   own stream) and one optimizer step per minibatch minimises ``mean_p loss_p`` with
+   ``loss_p = mean_g [clipped surrogate_{p,g} (+ β·k3-KL_{p,g} with kl_in_loss) (+ vf_coef·value loss, gae)]``,
+   each term a token mean over completion ``g``.
 
-The policy is the stage-1 model with a fresh LoRA adapter and a value head on the same body; the
-reference model is that body with the adapter disabled (no second copy). Every loss term is computed
-per prompt from that prompt's own trajectory. Settings that use batch statistics (advantage whitening,
-the adaptive KL controller, permutation minibatches) are available for non-private PPO and are
-reported by ``privacy_hazards`` so that a DP run refuses them.
+A prompt's ``G`` completions are ONE packed row of every training forward, so the per-example gradient that
+the DP callback clips is the prompt's, once (``lit_dprl.rollout.pack_completions``). Under ``rloo``/``grpo``
+there is no value head: the whole clipping budget goes to the policy. The policy is the stage-1 model (dropout
+off) with a fresh LoRA adapter; the reference is the same body with the adapter disabled (no second copy).
+Settings that use batch statistics (advantage whitening, the adaptive KL controller, permutation minibatches)
+are available for non-private runs and listed by ``privacy_hazards`` so that a DP run refuses them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import secrets
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,99 +39,76 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from lit_dprl.generation import (
-    join_prompts_and_responses,
-    response_logits,
-    sample_responses,
-    sampling_logprobs,
-)
 from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, merged_copy
 from lit_dprl.privacy.report import export_after_fit
 from lit_dprl.rewards import (
     RewardFunction,
     SequenceClassifierReward,
     load_reward_callable,
+    read_input_report,
+    reward_source_hazards,
     score_responses,
 )
 from lit_dprl.rl import (
     AdaptiveKLController,
     FixedKLController,
     apply_missing_eos_penalty,
-    generalized_advantage_estimation,
     kl_estimate,
     masked_whiten,
-    per_token_rewards,
-    ppo_policy_loss,
-    ppo_value_loss,
+)
+from lit_dprl.rollout import (
+    Completions,
+    Packed,
+    Rollout,
+    assign_minibatches,
+    completion_logprobs,
+    completion_seeds,
+    disable_dropout,
+    group_advantages,
+    group_loss,
+    prompt_keys,
+    rollout_metrics,
+    sample_completions,
+    update_metrics,
 )
 
 
-@dataclass
-class Rollout:
-    """One rollout batch; per-token tensors are ``[B, T]`` over response tokens."""
-
-    query_responses: torch.Tensor  # [B, P + T] prompt (left-padded) + truncated response
-    attention_mask: torch.Tensor  # [B, P + T]
-    context_length: int  # P
-    responses: torch.Tensor  # [B, T] truncated response tokens
-    mask: torch.Tensor  # [B, T] valid response tokens (up to and including the first EOS)
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor  # [B]
-    kl: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    contains_eos: torch.Tensor  # [B]
-    prompts: list[str]
-    texts: list[str]
-
-
-def minibatch_indices(
-    batch_size: int, num_mini_batches: int, assignment: str, generator: torch.Generator | None = None
-) -> list[torch.Tensor]:
-    """Row indices of each minibatch for one pass over a batch.
-
-    ``"independent"``: every row picks one of the ``M`` minibatches uniformly at random, on its own, so
-    adding or removing a row never moves another (sizes vary; a minibatch may be empty).
-    ``"permutation"``: a random permutation cut into ``M`` near-equal parts (TRL); one row's presence
-    shifts the others, so it is for non-private training.
-    """
-    if assignment == "independent":
-        which = torch.randint(num_mini_batches, (batch_size,), generator=generator)
-        return [torch.nonzero(which == m).flatten() for m in range(num_mini_batches)]
-    if assignment == "permutation":
-        return list(torch.randperm(batch_size, generator=generator).tensor_split(num_mini_batches))
-    raise ValueError(f"minibatch_assignment must be 'independent' or 'permutation', got {assignment!r}")
-
-
 class PPOModule(L.LightningModule):
-    """PPO for a causal LM with a value head, a frozen reference and a pluggable reward.
+    """PPO / RLOO / GRPO for a causal LM with a frozen reference and a pluggable reward.
 
     Args:
         model: Stage-1 model source (an SFT export directory, "tiny", "smollm2", a .gguf path).
         reward_function: A Python callable ``"package.module:function"`` taking
-            ``(prompts: list[str], responses: list[str])`` and returning one float per response.
+            ``(prompts: list[str], responses: list[str])`` and returning one float per response. It is called
+            with one response at a time (see ``lit_dprl.rewards``).
         reward_classifier: A local Hugging Face sequence-classifier directory (public, e.g. sentiment).
         reward_classifier_label: The classifier's label (index or name) whose score is the reward.
         reward_classifier_output: "logit" or "probability" of that label.
+        reward_classifier_is_public: Declare the classifier trained on public data only, even if its
+            ``privacy.json`` reports a non-private run.
         reward_model: A stage-2 reward-model export directory.
         reward_model_is_public: Declare a reward model public (trained without private data); without
-            this, a DP run needs the reward model's ``privacy.json``.
+            this, a DP run needs the reward model's ``privacy.json`` with a finite ε.
+        advantage_estimator: "gae" (PPO with a value head), "rloo" or "grpo" (critic-free, group baselines).
+        samples_per_prompt: Completions per prompt G (1 for "gae"; at least 2 for "rloo"/"grpo").
+        kl_in_loss: Put β·KL(π‖π_ref) (k3 estimator, per token) in the loss (TRL GRPO's ``beta``) instead of a
+            per-token penalty in the reward.
+        rollout_seed: Seed of the per-prompt sampling and minibatch streams. None (default): a secret random
+            seed, as the DP guarantee assumes; fix it for reproducible tests only. It is saved in checkpoints.
         use_lora: Train a fresh LoRA adapter (the reference is the adapter-disabled body); otherwise
             train the whole policy and keep a frozen copy as reference.
         lora_r: LoRA rank (paper: 4).
         lora_alpha: LoRA scaling numerator.
-        lora_dropout: LoRA dropout.
+        lora_dropout: LoRA dropout (refused under DP: its masks come from the shared torch RNG).
         lora_target_modules: Modules to adapt (None: peft's default for the architecture).
         learning_rate: AdamW learning rate (paper, DPPPO on GPT-2: 3e-3).
         weight_decay: AdamW weight decay.
         ppo_epochs: Passes over each rollout batch (T_PPO; the paper uses 1 under DP).
         num_mini_batches: Optimizer steps per pass (paper: 4096 / 256 = 16).
-        minibatch_assignment: "independent" (each prompt picks its minibatch alone; DP-safe) or
+        minibatch_assignment: "independent" (each prompt picks its minibatch from its own stream; DP-safe) or
             "permutation" (TRL's equal split; non-private only).
-        kl_coef: β of the per-token KL penalty (initial value if adaptive).
-        kl_estimator: "k1" (logp − logp_ref) or "k3".
+        kl_coef: β of the KL term (initial value if adaptive).
+        kl_estimator: "k1" (logp − logp_ref) or "k3" for the KL penalty in the reward.
         adaptive_kl: Ziegler et al.'s adaptive β driven by the batch's mean KL (non-private only).
         kl_target: Target KL of the adaptive controller.
         kl_horizon: Horizon of the adaptive controller.
@@ -131,7 +117,7 @@ class PPOModule(L.LightningModule):
         lam: GAE λ.
         cliprange: PPO ratio clip ε.
         cliprange_value: Value clip.
-        vf_coef: Weight of the value loss. Under DP the value head shares each prompt's clipping budget
+        vf_coef: Weight of the value loss ("gae"). Under DP the value head shares each prompt's clipping budget
             with the policy; on SmolLM2 its gradient is ~30x the policy's at vf_coef 0.1 and takes nearly
             all of it, so DP configs use a small weight (configs/demo/ppo.yaml: 0.005,
             configs/cpu/ppo.yaml: 0.0002). Adam still learns the value head: its update does not scale with it.
@@ -151,8 +137,13 @@ class PPOModule(L.LightningModule):
         reward_classifier: str | None = None,
         reward_classifier_label: int | str = 1,
         reward_classifier_output: Literal["logit", "probability"] = "logit",
+        reward_classifier_is_public: bool = False,
         reward_model: str | None = None,
         reward_model_is_public: bool = False,
+        advantage_estimator: Literal["gae", "rloo", "grpo"] = "gae",
+        samples_per_prompt: int = 1,
+        kl_in_loss: bool = False,
+        rollout_seed: int | None = None,
         use_lora: bool = True,
         lora_r: int = 4,
         lora_alpha: int = 32,
@@ -189,6 +180,24 @@ class PPOModule(L.LightningModule):
                 "give exactly one reward source: reward_function ('package.module:function'), "
                 "reward_classifier (a local sequence-classifier directory) or reward_model (a stage-2 export)"
             )
+        if advantage_estimator not in ("gae", "rloo", "grpo"):
+            raise ValueError(
+                f"advantage_estimator must be 'gae', 'rloo' or 'grpo', got {advantage_estimator!r}"
+            )
+        if advantage_estimator == "gae" and samples_per_prompt != 1:
+            raise ValueError(
+                f"advantage_estimator='gae' samples one completion per prompt, got samples_per_prompt="
+                f"{samples_per_prompt}; use advantage_estimator='rloo' or 'grpo' for several"
+            )
+        if advantage_estimator != "gae" and samples_per_prompt < 2:
+            raise ValueError(
+                f"advantage_estimator={advantage_estimator!r} needs samples_per_prompt >= 2 (the group baseline), "
+                f"got {samples_per_prompt}"
+            )
+        if minibatch_assignment not in ("independent", "permutation"):
+            raise ValueError(
+                f"minibatch_assignment must be 'independent' or 'permutation', got {minibatch_assignment!r}"
+            )
         if ppo_epochs < 1 or num_mini_batches < 1:
             raise ValueError("ppo_epochs and num_mini_batches must be >= 1")
         if not 1 <= min_new_tokens <= max_new_tokens:
@@ -201,6 +210,7 @@ class PPOModule(L.LightningModule):
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model)
         body = load_causal_lm(model, self.tokenizer, seed=seed)
+        disable_dropout(body)
         self.reference = None
         if use_lora:
             self.policy = add_lora(
@@ -209,15 +219,24 @@ class PPOModule(L.LightningModule):
         else:
             self.policy = body
             self.reference = copy.deepcopy(body).requires_grad_(False).eval()
-        self.value_head = torch.nn.Linear(body.config.hidden_size, 1)
-        torch.nn.init.zeros_(self.value_head.weight)
-        torch.nn.init.zeros_(self.value_head.bias)
+        self.value_head = None
+        if advantage_estimator == "gae":
+            self.value_head = torch.nn.Linear(body.config.hidden_size, 1)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
         self.kl_controller = (
             AdaptiveKLController(kl_coef, kl_target, kl_horizon)
             if adaptive_kl
             else FixedKLController(kl_coef)
         )
         self.reward = self._build_reward()
+        self.input_reports = {
+            name: read_input_report(source)
+            for name, source in (("model", model), ("reward_model", reward_model), ("reward_classifier", reward_classifier))
+            if name == "model" or source is not None
+        }  # fmt: skip
+        self.rollout_seed = rollout_seed if rollout_seed is not None else secrets.randbits(62)
+        self.rollout_batches = 0
         self.episodes = 0
         self.eval_reward = MeanMetric()
         self.eval_kl = MeanMetric()
@@ -246,14 +265,33 @@ class PPOModule(L.LightningModule):
             hazards.append(
                 "minibatch_assignment='permutation' lets one prompt move the others between minibatches"
             )
-        reward_model_private = hp.reward_model is not None and not hp.reward_model_is_public
-        if reward_model_private and not (Path(hp.reward_model) / "privacy.json").is_file():
+        if hp.use_lora and hp.lora_dropout > 0:
             hazards.append(
-                f"reward_model {hp.reward_model!r} has no privacy.json: a non-private reward model trained on "
-                "private data couples every update to all of its data (train it with DPCallback, or set "
-                "reward_model_is_public=true if it saw only public data)"
+                f"lora_dropout={hp.lora_dropout} draws dropout masks from the shared torch RNG, so one prompt "
+                "changes the masks of the others; set lora_dropout=0"
             )
+        hazards += reward_source_hazards(
+            self.input_reports,
+            {"reward_model": hp.reward_model_is_public, "reward_classifier": hp.reward_classifier_is_public},
+        )
         return hazards
+
+    def privacy_metadata(self) -> dict[str, Any]:
+        """What ``privacy.json`` records of this stage: its reuse of each batch, the estimator, the rollout
+        randomness, and the privacy reports of the models it starts from and is rewarded by (None: no report)."""
+        hp = self.hparams
+        return {
+            "ppo_epochs": hp.ppo_epochs,
+            "num_mini_batches": hp.num_mini_batches,
+            "minibatch_assignment": hp.minibatch_assignment,
+            "advantage_estimator": hp.advantage_estimator,
+            "samples_per_prompt": hp.samples_per_prompt,
+            "kl_in_loss": hp.kl_in_loss,
+            "privacy_unit": f"one prompt, with its {hp.samples_per_prompt} completion(s), rewards and baseline",
+            "secret_rollout_randomness": hp.rollout_seed is None,
+            "declared_public": {k: hp[f"{k}_is_public"] for k in self.input_reports if k != "model"},
+            "inputs": self.input_reports,
+        }
 
     # ---------------------------------------------------------------- model pieces
     def _build_reward(self) -> RewardFunction:
@@ -272,176 +310,137 @@ class PPOModule(L.LightningModule):
         if hasattr(self.reward, "to"):
             self.reward.to(self.device)
 
-    def _forward(
-        self,
-        query_responses: torch.Tensor,
-        attention_mask: torch.Tensor,
-        context_length: int,
-        reference: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Temperature-scaled logits for the response positions ``[B, T, V]`` and values ``[B, T]`` (None for
-        the reference)."""
-        temperature = self.hparams.temperature
-        if reference and self.reference is not None:
-            logits, _ = response_logits(
-                self.reference, query_responses, attention_mask, context_length, temperature
-            )
-            return logits, None
-        if reference:
-            with self.policy.disable_adapter():
-                logits, _ = response_logits(
-                    self.policy, query_responses, attention_mask, context_length, temperature
-                )
-            return logits, None
-        logits, out = response_logits(
-            self.policy,
-            query_responses,
-            attention_mask,
-            context_length,
-            temperature,
-            output_hidden_states=True,
+    def _score(self, prompts: list[str], texts: list[str]) -> torch.Tensor:
+        """Scores ``[N]``; a ``reward_function`` is called once per response, so it cannot see other rows."""
+        return score_responses(
+            self.reward,
+            prompts,
+            texts,
+            device=self.device,
+            one_at_a_time=self.hparams.reward_function is not None,
         )
-        values = self.value_head(out.hidden_states[-1][:, context_length - 1 : -1]).squeeze(-1)
-        return logits, values
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Sampled response tokens ``[B, T]`` (T <= max_new_tokens); the pad token is never sampled."""
+    def _sample(self, queries: torch.Tensor, query_mask: torch.Tensor, seeds: list[int]) -> Completions:
         hp = self.hparams
-        return sample_responses(
-            self.policy, self.tokenizer, input_ids, attention_mask,
+        return sample_completions(
+            self.policy, self.tokenizer, queries, query_mask, seeds,
             temperature=hp.temperature, min_new_tokens=hp.min_new_tokens, max_new_tokens=hp.max_new_tokens,
         )  # fmt: skip
 
-    def logprobs(self, logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-        """Log-probs ``[B, T]`` of sampled responses under the distribution ``generate`` samples from."""
-        return sampling_logprobs(logits, responses, self.tokenizer, self.hparams.min_new_tokens)
+    def completion_logprobs(
+        self, packed: Packed, rows: torch.Tensor, responses: torch.Tensor, reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``rollout.completion_logprobs`` under the policy (with values under "gae") or the reference."""
+        hp = self.hparams
+        model = self.reference if reference and self.reference is not None else self.policy
+        adapter_off = self.policy.disable_adapter() if reference and self.reference is None else None
+        with adapter_off or contextlib.nullcontext():
+            return completion_logprobs(
+                model, packed, rows, responses, self.tokenizer,
+                temperature=hp.temperature, min_new_tokens=hp.min_new_tokens,
+                value_head=None if reference else self.value_head,
+            )  # fmt: skip
 
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
     def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
-        """Generate, score and compute advantages for one batch of prompts (no gradients)."""
+        """Sample, score and compute advantages for one batch of prompts (no gradients)."""
         hp = self.hparams
         queries, query_mask = batch["input_ids"], batch["attention_mask"]
-        context_length = queries.shape[1]
-        raw = self.generate(queries, query_mask)
-        query_responses, attention_mask, responses, mask, contains_eos = join_prompts_and_responses(
-            queries, query_mask, raw, self.tokenizer
+        prompts_n, group = queries.shape[0], hp.samples_per_prompt
+        keys = prompt_keys(queries, query_mask)
+        sampled = self._sample(
+            queries, query_mask, completion_seeds(self.rollout_seed, self.rollout_batches, keys, group)
         )
-        logits, values = self._forward(query_responses, attention_mask, context_length)
-        logprobs = self.logprobs(logits, responses)
-        ref_logits, _ = self._forward(query_responses, attention_mask, context_length, reference=True)
-        ref_logprobs = self.logprobs(ref_logits, responses)
+        responses, mask, logprobs, contains_eos, packed = sampled
+        every = torch.arange(prompts_n, device=queries.device)
+        ref_logprobs, _ = self.completion_logprobs(packed, every, responses, reference=True)
+        values = (
+            self.completion_logprobs(packed, every, responses)[1] if self.value_head is not None else None
+        )
         prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = score_responses(self.reward, prompts, texts, device=self.device)
+        texts = self.tokenizer.batch_decode(responses.flatten(0, 1), skip_special_tokens=True)
+        scores = self._score([p for p in prompts for _ in range(group)], texts).view(prompts_n, group)
         if hp.missing_eos_penalty is not None:
             scores = apply_missing_eos_penalty(scores, contains_eos, hp.missing_eos_penalty)
-        kl = kl_estimate(logprobs, ref_logprobs, hp.kl_estimator) * mask
-        rewards = per_token_rewards(kl, scores, mask, self.kl_controller.value)
-        advantages, returns = generalized_advantage_estimation(rewards, values, mask, hp.gamma, hp.lam)
+        kl = torch.where(mask, kl_estimate(logprobs, ref_logprobs, hp.kl_estimator), 0.0)
+        advantages, returns = group_advantages(
+            hp.advantage_estimator, scores, kl, mask, values,
+            kl_coef=0.0 if hp.kl_in_loss else self.kl_controller.value, gamma=hp.gamma, lam=hp.lam,
+        )  # fmt: skip
         if hp.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages.flatten(0, 1), mask.flatten(0, 1)).view_as(kl)
         return Rollout(
-            query_responses, attention_mask, context_length, responses, mask, logprobs, ref_logprobs,
-            values, scores, kl, advantages, returns, contains_eos, prompts, texts,
+            queries, keys, packed, responses, mask, logprobs, ref_logprobs, values, scores, kl, advantages,
+            returns, contains_eos, prompts, texts,
         )  # fmt: skip
 
     # ---------------------------------------------------------------- training
     def minibatch_loss(
         self, rollout: Rollout, rows: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``mean_b(policy_loss_b + vf_coef·value_loss_b)`` over ``rows``, and per-row diagnostics."""
+        """``mean_p loss_p`` over prompts ``rows`` (``rollout.group_loss``), and per-completion diagnostics."""
         hp = self.hparams
-        logits, values = self._forward(
-            rollout.query_responses[rows], rollout.attention_mask[rows], rollout.context_length
-        )
-        mask = rollout.mask[rows]
-        policy = ppo_policy_loss(
-            self.logprobs(logits, rollout.responses[rows]),
-            rollout.logprobs[rows],
-            rollout.advantages[rows],
-            mask,
-            hp.cliprange,
-        )
-        value = ppo_value_loss(values, rollout.values[rows], rollout.returns[rows], mask, hp.cliprange_value)
-        stats = {
-            "pg": policy.loss,
-            "vf": value.loss,
-            "approxkl": policy.approx_kl,
-            "clipfrac": policy.clip_fraction,
-            "vf_clipfrac": value.clip_fraction,
-            "ratio": policy.ratio_mean,
-        }
-        return (policy.loss + hp.vf_coef * value.loss).mean(), {k: v.detach() for k, v in stats.items()}
+        logprobs, values = self.completion_logprobs(rollout.packed, rows, rollout.responses[rows])
+        losses, stats = group_loss(
+            logprobs, values, rollout, rows,
+            cliprange=hp.cliprange, cliprange_value=hp.cliprange_value, vf_coef=hp.vf_coef,
+            kl_coef_in_loss=self.kl_controller.value if hp.kl_in_loss else None,
+        )  # fmt: skip
+        return losses.mean(), stats
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        hp = self.hparams
         started = time.perf_counter()
         rollout = self.rollout(batch)
-        batch_size = rollout.responses.shape[0]
         optimizer = self.optimizers()
         stats: dict[str, list[torch.Tensor]] = {}
-        for _ in range(hp.ppo_epochs):
-            for rows in minibatch_indices(batch_size, hp.num_mini_batches, hp.minibatch_assignment):
+        hp = self.hparams
+        minibatches = assign_minibatches(
+            hp.minibatch_assignment, self.rollout_seed, self.rollout_batches, rollout.keys,
+            hp.num_mini_batches, hp.ppo_epochs,
+        )  # fmt: skip
+        for epoch in minibatches:
+            for rows in epoch:
                 optimizer.zero_grad()
                 if len(rows) > 0:  # an empty minibatch still steps (noise only under DP)
-                    loss, row_stats = self.minibatch_loss(rollout, rows)
+                    loss, row_stats = self.minibatch_loss(rollout, rows.to(self.device))
                     self.manual_backward(loss)
                     for key, value in row_stats.items():
                         stats.setdefault(key, []).append(value)
                 optimizer.step()
-        mean_kl = (rollout.kl * rollout.mask).sum(1).mean()
-        self.kl_controller.update(mean_kl.item(), batch_size)
-        self.episodes += batch_size
-        self._log_training(rollout, stats, batch_size / (time.perf_counter() - started))
+        completions = rollout.mask.shape[0] * rollout.mask.shape[1]
+        self.kl_controller.update(rollout.kl.sum(-1).mean().item(), completions)
+        self.rollout_batches += 1
+        self.episodes += completions
+        self._log_training(rollout, stats, completions / (time.perf_counter() - started))
 
     def _log_training(
         self, rollout: Rollout, stats: dict[str, list[torch.Tensor]], episodes_per_second: float
     ) -> None:
-        mask = rollout.mask.float()
-        kl_sum = (rollout.kl * mask).sum(1)
-        non_score = -self.kl_controller.value * kl_sum
-        metrics = {
-            "objective/kl": kl_sum.mean(),
-            "objective/entropy": (-rollout.logprobs * mask).sum(1).mean(),
-            "objective/non_score_reward": non_score.mean(),
-            "objective/rlhf_reward": (rollout.scores + non_score).mean(),
-            "objective/scores": rollout.scores.mean(),
-            "val/num_eos_tokens": rollout.contains_eos.float().sum(),
+        metrics = rollout_metrics(rollout, self.kl_controller.value) | update_metrics(stats)
+        metrics |= {
             "episodes_per_second": torch.tensor(episodes_per_second),
             "episode": torch.tensor(float(self.episodes)),
-            "objective/kl_coef": torch.tensor(self.kl_controller.value),
         }
-        if stats:
-            cat = {k: torch.cat(v) for k, v in stats.items()}
-            metrics |= {
-                "loss/policy_avg": cat["pg"].mean(),
-                "loss/value_avg": cat["vf"].mean(),
-                "policy/approxkl_avg": cat["approxkl"].mean(),
-                "policy/clipfrac_avg": cat["clipfrac"].mean(),
-                "val/clipfrac_avg": cat["vf_clipfrac"].mean(),
-                "val/ratio": cat["ratio"].mean(),
-            }
-        batch_size = rollout.responses.shape[0]
+        batch_size = rollout.scores.numel()
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/reward", rollout.scores.mean(), prog_bar=True, on_step=True, batch_size=batch_size)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        raw = self.generate(batch["input_ids"], batch["attention_mask"])
-        query_responses, attention_mask, responses, mask, _ = join_prompts_and_responses(
-            batch["input_ids"], batch["attention_mask"], raw, self.tokenizer
-        )
-        context = batch["input_ids"].shape[1]
-        logits, _ = self._forward(query_responses, attention_mask, context)
-        ref_logits, _ = self._forward(query_responses, attention_mask, context, reference=True)
-        kl = kl_estimate(self.logprobs(logits, responses), self.logprobs(ref_logits, responses), "k1")
-        prompts = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        queries, query_mask = batch["input_ids"], batch["attention_mask"]
+        seeds = completion_seeds(self.rollout_seed, "validation", prompt_keys(queries, query_mask), 1)
+        responses, mask, logprobs, _, packed = self._sample(queries, query_mask, seeds)
+        rows = torch.arange(queries.shape[0], device=queries.device)
+        ref_logprobs, _ = self.completion_logprobs(packed, rows, responses, reference=True)
+        kl = torch.where(mask, logprobs - ref_logprobs, 0.0).sum((1, 2))
+        responses = responses.squeeze(1)
+        prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = score_responses(self.reward, prompts, texts, device=self.device)
+        scores = self._score(prompts, texts)
         self.eval_reward.update(scores)
-        self.eval_kl.update((kl * mask).sum(1))
+        self.eval_kl.update(kl)
         for prompt, text, score in zip(prompts, texts, scores.tolist(), strict=True):
             if len(self._samples) < self.hparams.num_samples_to_log:
                 self._samples.append({"prompt": prompt, "response": text, "reward": score})
@@ -472,21 +471,26 @@ class PPOModule(L.LightningModule):
         checkpoint["ppo"] = {
             "kl_controller": self.kl_controller.state_dict(),
             "episodes": self.episodes,
-            "torch_rng": torch.get_rng_state(),
+            "rollout_batches": self.rollout_batches,
+            "rollout_seed": self.rollout_seed,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["ppo"]
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.episodes = state["episodes"]
-        torch.set_rng_state(state["torch_rng"])
+        self.rollout_batches = state["rollout_batches"]
+        self.rollout_seed = state["rollout_seed"]
 
     def export(self, directory: str | Path) -> Path:
         """Write the policy (adapter merged) and tokenizer as a plain ``transformers`` directory."""
         directory = Path(directory)
         merged_copy(self.policy).save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        torch.save({k: v.cpu() for k, v in self.value_head.state_dict().items()}, directory / "value_head.pt")
+        if self.value_head is not None:
+            torch.save(
+                {k: v.cpu() for k, v in self.value_head.state_dict().items()}, directory / "value_head.pt"
+            )
         return directory
 
     def on_fit_end(self) -> None:
