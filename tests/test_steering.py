@@ -31,7 +31,9 @@ def batch(tokenizer, texts=("a good film", "bad acting, really bad", "fine")):
 
 def logits(model, input_ids, attention_mask):
     return model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
     ).logits
 
 
@@ -53,7 +55,7 @@ def test_zero_alpha_is_base_model_and_export_merges_exactly(family):
     with steering_disabled(model):
         torch.testing.assert_close(logits(model, ids, mask), base)
     merged = merged_steering_copy(model)
-    assert type(merged) is type(model) and not list(merged.modules())[0].__dict__.get("steering")
+    assert type(merged) is type(model) and not any(hasattr(block, "steering") for block in merged.modules())
     torch.testing.assert_close(logits(merged, ids, mask), steered, atol=1e-5, rtol=1e-5)
 
 
@@ -63,7 +65,9 @@ def test_directions_are_class_mean_differences():
     texts, labels = ["good good", "great fun", "awful", "bad bad bad"], [1, 1, 0, 0]
     directions = class_mean_directions(model, tokenizer, texts, labels, layers=[1], batch_size=3)
     captured = []
-    handle = model.transformer.h[1].register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+    handle = model.transformer.h[1].register_forward_hook(
+        lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o)
+    )
     means = []
     for text in texts:
         ids, mask = batch(tokenizer, [text])
@@ -79,7 +83,9 @@ def test_directions_are_class_mean_differences():
 def test_opacus_per_example_gradients_match_a_loop():
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_gpt2(tokenizer).eval()
-    add_steering(model, {0: torch.randn(2, model.config.hidden_size), 1: torch.randn(model.config.hidden_size)})
+    add_steering(
+        model, {0: torch.randn(2, model.config.hidden_size), 1: torch.randn(model.config.hidden_size)}
+    )
     with torch.no_grad():
         for module in steering_modules(model):
             module.alpha.normal_()
