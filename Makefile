@@ -25,6 +25,6 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 demo: $(VENV)/.installed
-	$(PY) pipeline.py --config configs/pipeline/imdb_demo.yaml
+	$(VENV)/bin/lit-dprl pipeline --config configs/pipeline/imdb_demo.yaml
 
 .PHONY: venv test demo

@@ -78,6 +78,9 @@ def evaluate_policy(
         "prompts": len(prompts),
         "reward_mean": statistics.fmean(rewards),
         "reward_std": statistics.pstdev(rewards),
+        "reward_stderr": statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else 0.0,
+        "positive_share": sum(r > 0 for r in rewards) / len(rewards),
+        "distinct_2": distinct_n(responses_text, 2),
     }
     if kls:
         result["kl_to_reference"] = statistics.fmean(kls)
@@ -91,16 +94,36 @@ def evaluate_policy(
             prompts[:num_samples], responses_text[:num_samples], rewards[:num_samples], strict=True
         )
     ]
+    result["rewards"] = rewards
     return result
 
 
-def write_markdown_samples(evaluation: dict[str, Any], path: Path) -> None:
-    """A Markdown table of the sample rows of ``evaluation``."""
-    lines = ["| prompt | response | reward |", "|---|---|---|"]
-    for row in evaluation["samples"]:
-        cells = [row["prompt"], row["response"]]
-        cells = [c.replace("|", "\\|").replace("\n", " ") for c in cells]
-        lines.append(f"| {cells[0]} | {cells[1]} | {row['reward']:.3f} |")
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n: ``#unique word n-grams / #word n-grams`` over all ``texts`` (Li et al. 2016); 1 = no repeats."""
+    grams = [
+        tuple(words[i : i + n])
+        for text in texts
+        for words in [text.split()]
+        for i in range(len(words) - n + 1)
+    ]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def paired_gain(after: Sequence[float], before: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of ``after[i] − before[i]`` over prompts (the same held-out prompts)."""
+    diffs = [a - b for a, b in zip(after, before, strict=True)]
+    stderr = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return statistics.fmean(diffs), stderr
+
+
+def write_markdown_samples(evaluations: dict[str, dict[str, Any]], path: Path) -> None:
+    """A Markdown table with one row per held-out prompt and each model's continuation (and reward) side by side."""
+    labels = list(evaluations)
+    lines = ["| prompt | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    rows = zip(*(evaluations[label]["samples"] for label in labels), strict=True)
+    for samples in rows:
+        cells = [samples[0]["prompt"]] + [f"{s['response']} ({s['reward']:+.2f})" for s in samples]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -31,7 +31,13 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lit_dprl.data.splits import PROVENANCE_KEY
-from lit_dprl.evaluation import evaluate_policy, format_epsilon, save_json, write_markdown_samples
+from lit_dprl.evaluation import (
+    evaluate_policy,
+    format_epsilon,
+    paired_gain,
+    save_json,
+    write_markdown_samples,
+)
 from lit_dprl.privacy.accounting import make_accountant
 from lit_dprl.privacy.report import REPORT_NAME, is_export
 
@@ -82,6 +88,7 @@ class Evaluation:
         temperature: Sampling temperature.
         min_new_tokens: Fewest response tokens.
         max_new_tokens: Most response tokens.
+        num_samples: Held-out prompts whose continuations go into ``samples.md`` (every model side by side).
     """
 
     policy: str = "ppo"
@@ -99,6 +106,7 @@ class Evaluation:
     temperature: float = 1.0
     min_new_tokens: int = 4
     max_new_tokens: int = 16
+    num_samples: int = 8
 
 
 def stage_dir(run_dir: Path, name: str) -> Path:
@@ -310,14 +318,41 @@ def evaluate(run_dir: Path, evaluation: Evaluation, stages: dict[str, Stage]) ->
             min_new_tokens=evaluation.min_new_tokens,
             max_new_tokens=evaluation.max_new_tokens,
             seed=evaluation.seed,
+            num_samples=evaluation.num_samples,
         )
+    baseline = "sft" if "sft" in results else next(iter(evaluation.baselines), None)
+    if baseline is not None:
+        gain, stderr = paired_gain(results["aligned"]["rewards"], results[baseline]["rewards"])
+        results["aligned"]["gain"] = {
+            "over": baseline,
+            "reward": gain,
+            "reward_stderr": stderr,
+            "positive_share_points": 100
+            * (results["aligned"]["positive_share"] - results[baseline]["positive_share"]),
+            "distinct_2_ratio": results["aligned"]["distinct_2"] / max(results[baseline]["distinct_2"], 1e-9),
+        }
     save_json(results, run_dir / "evaluation.json")
-    lines = ["| model | mean reward | std | KL to reference |", "|---|---|---|---|"]
+    lines = [
+        f"Held-out IMDb test prompts: {len(prompts)}; reward = {evaluation.reward_function or evaluation.reward_stage or evaluation.reward_model}.",
+        "",
+        "| model | mean reward ± s.e. | positive | distinct-2 | KL to reference |",
+        "|---|---|---|---|---|",
+    ]
     for label, r in results.items():
         kl = f"{r['kl_to_reference']:.3f}" if "kl_to_reference" in r else "–"
-        lines.append(f"| {label} | {r['reward_mean']:.3f} | {r['reward_std']:.3f} | {kl} |")
+        lines.append(
+            f"| {label} | {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} | {100 * r['positive_share']:.1f} % "
+            f"| {r['distinct_2']:.3f} | {kl} |"
+        )
+    if "gain" in results["aligned"]:
+        g = results["aligned"]["gain"]
+        lines += [
+            "",
+            f"aligned − {g['over']}: reward {g['reward']:+.3f} ± {g['reward_stderr']:.3f} (paired s.e.), "
+            f"positive {g['positive_share_points']:+.1f} points, distinct-2 ratio {g['distinct_2_ratio']:.2f}",
+        ]
     (run_dir / "evaluation.md").write_text("\n".join(lines) + "\n")
-    write_markdown_samples(results["aligned"], run_dir / "samples.md")
+    write_markdown_samples(results, run_dir / "samples.md")
     return results
 
 
@@ -382,7 +417,16 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"[pipeline]   {name}: public data ({split['dataset']} / split {split['split']!r})")
     for label, r in result.get("evaluation", {}).items():
         kl = f", KL to reference {r['kl_to_reference']:.3f}" if "kl_to_reference" in r else ""
-        print(f"[pipeline] {label}: mean reward {r['reward_mean']:.3f} ± {r['reward_std']:.3f}{kl}")
+        print(
+            f"[pipeline] {label}: mean reward {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} (s.e.), "
+            f"positive {100 * r['positive_share']:.1f} %, distinct-2 {r['distinct_2']:.3f}{kl}"
+        )
+        if "gain" in r:
+            g = r["gain"]
+            print(
+                f"[pipeline] aligned − {g['over']}: reward {g['reward']:+.3f} ± {g['reward_stderr']:.3f}, positive "
+                f"{g['positive_share_points']:+.1f} points, distinct-2 ratio {g['distinct_2_ratio']:.2f}"
+            )
 
 
 def parser() -> ArgumentParser:

@@ -4,6 +4,7 @@ resume, learning. (Per-prompt randomness, packing and neighbouring behaviour: te
 from __future__ import annotations
 
 import json
+import math
 
 import dp_accounting
 import lightning.pytorch as pl
@@ -14,6 +15,7 @@ from dp_accounting import rdp
 from lit_dprl.data.prompts import PromptDataModule
 from lit_dprl.privacy import DPCallback, DPConfigurationError
 from lit_dprl.stages.ppo import PPOModule
+from lit_dprl.steering import steering_modules
 from tests.test_rewards import save_tiny_classifier
 
 REWARD = "tests.toy_modules:mean_char_code"
@@ -382,3 +384,27 @@ def test_grpo_and_rloo_raise_the_reward_without_and_with_dp(tmp_path):
     )  # fmt: skip
     print(f"DP-GRPO (eps={dp.epsilon:.1f}): mean vowel-fraction reward {before_dp:.3f} -> {after_dp:.3f}")
     assert after_dp > 2 * before_dp
+
+
+def test_steering_adapter_trains_only_public_direction_coefficients_under_dp(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lit_dprl.cli import main
+
+    cli = main(["fit", "--config", "configs/tiny/grpo.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                f"--model.init_args.export_dir={tmp_path / 'model'}", "--trainer.max_steps=3",
+                "--model.init_args.steering_layers=[0, 1]", "--model.init_args.steering_examples=32",
+                "--model.init_args.learning_rate=0.5"])  # fmt: skip
+    module = cli.model
+    assert [p.numel() for p in module.parameters() if p.requires_grad] == [1, 1]
+    alphas = [m.alpha.item() for m in steering_modules(module.policy)]
+    assert all(a != 0.0 for a in alphas)  # the DP steps moved every coefficient
+    report = json.loads((tmp_path / "model" / "privacy.json").read_text())
+    assert report["steps"] == 3 and math.isfinite(report["epsilon"])
+    assert "steering" in report["stage"]["adapter"]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # plain transformers, shift merged
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            exported(ids).logits, module.policy.cpu()(ids).logits, atol=1e-5, rtol=1e-5
+        )

@@ -39,6 +39,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from lit_dprl.data.imdb import load_public_sources
 from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, merged_copy
 from lit_dprl.privacy.report import export_after_fit
 from lit_dprl.rewards import (
@@ -71,6 +72,7 @@ from lit_dprl.rollout import (
     sample_completions,
     update_metrics,
 )
+from lit_dprl.steering import add_steering, class_mean_directions, merged_steering_copy, steering_disabled
 
 
 class PPOModule(L.LightningModule):
@@ -101,6 +103,13 @@ class PPOModule(L.LightningModule):
         lora_alpha: LoRA scaling numerator.
         lora_dropout: LoRA dropout (refused under DP: its masks come from the shared torch RNG).
         lora_target_modules: Modules to adapt (None: peft's default for the architecture).
+        steering_layers: Train a public-subspace steering adapter instead of LoRA (``lit_dprl.steering``): after
+            each listed decoder layer add ``α_ℓ · v_ℓ``, where ``v_ℓ`` is the class-mean difference of public
+            labelled texts (``steering_source``) and only the α's (one per layer) are trained. Under DP the
+            noise grows with √d, so a handful of parameters learns where thousands drown on a CPU budget.
+        steering_source: Public labelled texts for the directions ("imdb_public", "rotten_tomatoes" or both
+            joined by "+"; label 1 = the direction's positive end).
+        steering_examples: Public texts used for the directions.
         learning_rate: AdamW learning rate (paper, DPPPO on GPT-2: 3e-3).
         weight_decay: AdamW weight decay.
         ppo_epochs: Passes over each rollout batch (T_PPO; the paper uses 1 under DP).
@@ -149,6 +158,9 @@ class PPOModule(L.LightningModule):
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
         lora_target_modules: list[str] | None = None,
+        steering_layers: list[int] | None = None,
+        steering_source: str = "imdb_public+rotten_tomatoes",
+        steering_examples: int = 256,
         learning_rate: float = 3e-3,
         weight_decay: float = 0.0,
         ppo_epochs: int = 1,
@@ -212,7 +224,9 @@ class PPOModule(L.LightningModule):
         body = load_causal_lm(model, self.tokenizer, seed=seed)
         disable_dropout(body)
         self.reference = None
-        if use_lora:
+        if steering_layers:
+            self.policy = self._steered(body, steering_layers, steering_source, steering_examples)
+        elif use_lora:
             self.policy = add_lora(
                 body, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules
             )
@@ -287,6 +301,12 @@ class PPOModule(L.LightningModule):
             "advantage_estimator": hp.advantage_estimator,
             "samples_per_prompt": hp.samples_per_prompt,
             "kl_in_loss": hp.kl_in_loss,
+            "adapter": (
+                f"steering along public class-mean directions of {hp.steering_source!r} at layers "
+                f"{hp.steering_layers} (the directions are public; only their coefficients are trained)"
+                if hp.steering_layers
+                else ("LoRA" if hp.use_lora else "full fine-tuning")
+            ),
             "privacy_unit": f"one prompt, with its {hp.samples_per_prompt} completion(s), rewards and baseline",
             "secret_rollout_randomness": hp.rollout_seed is None,
             "declared_public": {k: hp[f"{k}_is_public"] for k in self.input_reports if k != "model"},
@@ -305,6 +325,17 @@ class PPOModule(L.LightningModule):
         from lit_dprl.stages.reward import RewardModelScorer
 
         return RewardModelScorer(hp.reward_model)
+
+    def _steered(
+        self, body: torch.nn.Module, layers: list[int], source: str, examples: int
+    ) -> torch.nn.Module:
+        """``body`` with a steering adapter along public class-mean directions at ``layers``."""
+        public = load_public_sources(source).shuffle(seed=0)
+        public = public.select(range(min(examples, len(public))))
+        directions = class_mean_directions(
+            body.eval(), self.tokenizer, public["text"], public["label"], layers, max_length=32
+        )
+        return add_steering(body, dict(zip(layers, directions, strict=True)))
 
     def setup(self, stage: str) -> None:
         if hasattr(self.reward, "to"):
@@ -333,7 +364,13 @@ class PPOModule(L.LightningModule):
         """``rollout.completion_logprobs`` under the policy (with values under "gae") or the reference."""
         hp = self.hparams
         model = self.reference if reference and self.reference is not None else self.policy
-        adapter_off = self.policy.disable_adapter() if reference and self.reference is None else None
+        adapter_off = None
+        if reference and self.reference is None:
+            adapter_off = (
+                steering_disabled(self.policy)
+                if self.hparams.steering_layers
+                else self.policy.disable_adapter()
+            )
         with adapter_off or contextlib.nullcontext():
             return completion_logprobs(
                 model, packed, rows, responses, self.tokenizer,
@@ -485,7 +522,10 @@ class PPOModule(L.LightningModule):
     def export(self, directory: str | Path) -> Path:
         """Write the policy (adapter merged) and tokenizer as a plain ``transformers`` directory."""
         directory = Path(directory)
-        merged_copy(self.policy).save_pretrained(directory)
+        merged = (
+            merged_steering_copy(self.policy) if self.hparams.steering_layers else merged_copy(self.policy)
+        )
+        merged.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         if self.value_head is not None:
             torch.save(
