@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from lit_dprl.cli import main
-from lit_dprl.data.preferences import PreferenceDataModule, collate_preference_batch
+from lit_dprl.data.preferences import PreferenceDataModule, PreferenceDataset, collate_preference_batch
 from lit_dprl.losses import dpo_sigmoid_loss, ipo_loss, robust_dpo_loss
+from lit_dprl.models import build_tiny_gpt2, build_tiny_tokenizer
 from lit_dprl.privacy import DPCallback
 from lit_dprl.stages.dpo import DPOModule, response_masks
 from tests.test_reward import TEXTS, encode_rows, randomise_lora_b, rule_pairs, write_jsonl
@@ -176,15 +177,15 @@ def test_per_pair_gradients_match_a_loop_over_pairs(use_lora, loss_type):
 
 
 class Pairs(L.LightningDataModule):
-    """All ``rows`` in one batch: with q = batch_size / N = 1 the Poisson batch is the whole dataset, in order."""
+    """One DataLoader over ``dataset``; with q = batch_size / N = 1 the Poisson batch is all of it, in order."""
 
-    def __init__(self, rows: list[dict], pad_token_id: int) -> None:
+    def __init__(self, dataset, batch_size: int, pad_token_id: int) -> None:
         super().__init__()
-        self.rows, self.pad_token_id = rows, pad_token_id
+        self.dataset, self.batch_size, self.pad_token_id = dataset, batch_size, pad_token_id
 
     def train_dataloader(self) -> DataLoader:
         collate = functools.partial(collate_preference_batch, pad_token_id=self.pad_token_id)
-        return DataLoader(self.rows, batch_size=len(self.rows), collate_fn=collate)
+        return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=collate)
 
 
 class LastGradient(L.Callback):
@@ -194,26 +195,30 @@ class LastGradient(L.Callback):
         self.grad = torch.cat([p.grad.flatten() for p in trainable(pl_module)]).clone()
 
 
-def dp_step_gradient(
-    rows: list[dict], noise_multiplier: float, max_grad_norm: float, tmp_path
-) -> torch.Tensor:
-    """The gradient of one DPCallback step over ``rows`` (fixed model, sampling and noise seeds)."""
-    module = DPOModule(seed=3, beta=0.5)
+def make_module(use_lora: bool = True) -> DPOModule:
+    module = DPOModule(seed=3, beta=0.5, use_lora=use_lora)
     randomise_lora_b(module)
+    return module
+
+
+def dp_step_gradient(dataset, noise_multiplier: float, max_grad_norm: float, tmp_path, use_lora=True, **dp):
+    """The gradient of one DPCallback step over all of ``dataset`` (fixed model, sampling and noise seeds)."""
+    module = make_module(use_lora)
     capture = LastGradient()
-    dp = DPCallback(
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, sampling_seed=0, noise_seed=0
+    callback = DPCallback(
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, sampling_seed=0, noise_seed=0, **dp
     )
+    units = len(set(dataset.user_ids)) if dp.get("privacy_unit") == "user" else len(dataset)
     L.Trainer(
         accelerator="cpu",
         max_steps=1,
-        callbacks=[dp, capture],
+        callbacks=[callback, capture],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-    ).fit(module, Pairs(rows, module.tokenizer.pad_token_id))
+    ).fit(module, Pairs(dataset, units, module.tokenizer.pad_token_id))
     return capture.grad
 
 
@@ -221,30 +226,26 @@ def clipped(grad: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return grad * min(1.0, max_grad_norm / (grad.norm().item() + 1e-6))
 
 
-@pytest.fixture(scope="module")
-def loop_module():
-    module = DPOModule(seed=3, beta=0.5)
-    randomise_lora_b(module)
-    return module
-
-
-def test_dp_step_clips_each_pair_once_as_a_whole(tmp_path, loop_module):
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_dp_step_clips_each_pair_once_as_a_whole(tmp_path, use_lora):
     """σ = 0: the DP gradient is (1/B)·Σ_i clip_C(g_i) over the per-pair gradients of a loop. Clipping each
     response on its own (chosen and rejected in one forward of 2B rows) gives another sum and fails here."""
-    rows = encode_rows(loop_module.tokenizer)
-    loop = per_pair_loop(loop_module, rows)
+    module = make_module(use_lora)
+    rows = encode_rows(module.tokenizer)
+    loop = per_pair_loop(module, rows)
     max_grad_norm = 0.5 * min(g.norm().item() for g in loop)  # clipping binds for every pair
     expected = sum(clipped(g, max_grad_norm) for g in loop) / len(rows)
-    got = dp_step_gradient(rows, noise_multiplier=0.0, max_grad_norm=max_grad_norm, tmp_path=tmp_path)
+    got = dp_step_gradient(rows, 0.0, max_grad_norm, tmp_path, use_lora)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 
-def test_replacing_one_interior_pair_changes_only_its_clipped_contribution(tmp_path, loop_module):
+def test_replacing_one_interior_pair_changes_only_its_clipped_contribution(tmp_path):
     """Neighbouring datasets D, D' (pair 1 of 3 replaced by a longer one: the batch pads wider), same model,
     sampling and noise seeds, σ = 1: the DP gradients differ by exactly (clip(g_1) - clip(g'_1)) / B."""
-    rows = encode_rows(loop_module.tokenizer)
-    neighbour = rows[:1] + encode_rows(loop_module.tokenizer, [LONG_PAIR]) + rows[2:]
-    loop = per_pair_loop(loop_module, rows + neighbour[1:2])
+    module = make_module()
+    rows = encode_rows(module.tokenizer)
+    neighbour = rows[:1] + encode_rows(module.tokenizer, [LONG_PAIR]) + rows[2:]
+    loop = per_pair_loop(module, rows + neighbour[1:2])
     max_grad_norm = 0.5 * min(g.norm().item() for g in loop)
     expected = (clipped(loop[1], max_grad_norm) - clipped(loop[3], max_grad_norm)) / len(rows)
     difference = dp_step_gradient(rows, 1.0, max_grad_norm, tmp_path) - dp_step_gradient(
@@ -252,6 +253,21 @@ def test_replacing_one_interior_pair_changes_only_its_clipped_contribution(tmp_p
     )
     torch.testing.assert_close(difference, expected, atol=1e-6, rtol=1e-4)
     assert difference.norm().item() <= 2 * max_grad_norm / len(rows) * (1 + 1e-4)
+
+
+def test_user_level_dp_clips_the_mean_of_each_users_pair_gradients(tmp_path):
+    """privacy_unit="user", σ = 0: pairs 0 and 1 are one user's, pair 2 another's; the DP gradient is
+    (clip_C(mean(g_0, g_1)) + clip_C(g_2)) / (expected users = 2)."""
+    module = make_module()
+    rows = encode_rows(module.tokenizer)
+    loop = per_pair_loop(module, rows)
+    users = [(loop[0] + loop[1]) / 2, loop[2]]
+    max_grad_norm = 0.5 * min(g.norm().item() for g in users)
+    dataset = PreferenceDataset(
+        [r["chosen_input_ids"] for r in rows], [r["rejected_input_ids"] for r in rows], ["a", "a", "b"]
+    )
+    got = dp_step_gradient(dataset, 0.0, max_grad_norm, tmp_path, privacy_unit="user")
+    torch.testing.assert_close(got, sum(clipped(g, max_grad_norm) for g in users) / 2, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("epsilon", [None, 8.0], ids=["non_private", "dp_eps8"])
@@ -319,3 +335,19 @@ def test_tiny_config_through_the_cli_spends_the_epsilon_of_dp_accounting(tmp_pat
     )
     independent = pld.PLDAccountant().compose(event, 3).get_epsilon(report["delta"])
     assert report["epsilon"] == pytest.approx(independent, rel=0.03)
+
+
+def test_starts_from_a_stage1_export_and_records_its_privacy_report(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    stage1 = build_tiny_gpt2(tokenizer, seed=7)
+    stage1.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    stage1_report = {"differentially_private": True, "epsilon": 4.0, "delta": 1e-5}
+    (tmp_path / "privacy.json").write_text(json.dumps(stage1_report))
+    module = DPOModule(model=str(tmp_path), use_lora=False)
+    for trained in (module.model, module.reference):
+        assert all(torch.equal(trained.state_dict()[k], v) for k, v in stage1.state_dict().items())
+    assert not any(p.requires_grad for p in module.reference.parameters())
+    metadata = module.privacy_metadata()
+    assert metadata["inputs"]["model"] == stage1_report and metadata["reference"] == "frozen copy"
+    assert DPOModule().privacy_metadata()["inputs"]["model"] is None  # "tiny" has no report

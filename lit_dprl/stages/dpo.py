@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -35,7 +36,7 @@ from lit_dprl.models import (
     merged_copy,
     position_ids_from_mask,
 )
-from lit_dprl.privacy.report import export_after_fit
+from lit_dprl.privacy.report import REPORT_NAME, export_after_fit
 
 LossType = Literal["sigmoid", "ipo", "robust"]
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
@@ -110,8 +111,9 @@ class DPOModule(L.LightningModule):
     """DPO / IPO / robust DPO on batches of ``PreferenceDataModule`` (left-padded chosen/rejected rows).
 
     With ``Δ = log π(y|x) - log π_ref(y|x)`` summed over a response's tokens (see :func:`response_masks`),
-    the margin of a pair is ``h = Δ_c - Δ_r`` (for ``ipo``, as in TRL, ``h = Δ_c/|y_c| - Δ_r/|y_r|``) and
-    its loss, for ``loss_type``:
+    the margin of a pair is ``h = Δ_c - Δ_r`` (for ``ipo``, as in TRL, ``h = Δ_c/|y_c| - Δ_r/|y_r|``, where
+    ``|y|`` counts the tokens after the pair's shared start: TRL's completion lengths when the two responses
+    begin with different tokens) and its loss, for ``loss_type``:
 
     - ``sigmoid``: ``-(1-ε)·log σ(βh) - ε·log σ(-βh)`` (DPO; ε = ``label_smoothing`` > 0 is conservative DPO);
     - ``ipo``: ``(h - 1/(2β))²``;
@@ -226,14 +228,14 @@ class DPOModule(L.LightningModule):
         with self.reference_model() as reference:
             reference_chosen, reference_rejected = self.pair_logprobs(reference, batch, masks)
         policy_chosen, policy_rejected = self.pair_logprobs(self.model, batch, masks)
+        hp = self.hparams
         ratio_chosen, ratio_rejected = policy_chosen - reference_chosen, policy_rejected - reference_rejected
-        if self.hparams.loss_type == "ipo":  # length-normalised, as in TRL
+        if hp.loss_type == "ipo":  # length-normalised, as in TRL
             ratio_chosen = ratio_chosen / masks[0].sum(-1).clamp(min=1)
             ratio_rejected = ratio_rejected / masks[1].sum(-1).clamp(min=1)
-        hp = self.hparams
         losses = preference_loss(hp.loss_type, ratio_chosen - ratio_rejected, hp.beta, hp.label_smoothing)
         metrics = preference_metrics(
-            policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.hparams.beta
+            policy_chosen, policy_rejected, reference_chosen, reference_rejected, hp.beta
         )
         return losses, metrics
 
@@ -276,15 +278,21 @@ class DPOModule(L.LightningModule):
                 "Raise max_length so that prompts stay whole."
             )
 
-    def privacy_metadata(self) -> dict:
-        """How this stage used its pairs, for ``privacy.json`` (under ``"stage"``)."""
+    def privacy_metadata(self) -> dict[str, Any]:
+        """What ``privacy.json`` records of this stage (under ``"stage"``): the loss, the reference, how a pair
+        enters the gradient, and the privacy report of the starting model (None: it has none)."""
+        hp = self.hparams
+        report = Path(hp.model) / REPORT_NAME
         return {
             "stage": "dpo",
-            "loss_type": self.hparams.loss_type,
-            "beta": self.hparams.beta,
-            "label_smoothing": self.hparams.label_smoothing,
-            "reference": "policy with the LoRA adapter disabled" if self.reference is None else "frozen copy",
-            "privacy_unit": "one preference pair (prompt, chosen, rejected): one clipped gradient per pair",
+            "loss_type": hp.loss_type,
+            "beta": hp.beta,
+            "label_smoothing": hp.label_smoothing,
+            "reference": "the policy with its LoRA adapter disabled"
+            if self.reference is None
+            else "frozen copy",
+            "pair_gradient": "chosen and rejected in one per-example gradient, clipped together",
+            "inputs": {"model": json.loads(report.read_text()) if report.is_file() else None},
         }
 
     def export(self, directory: str | os.PathLike) -> Path:
