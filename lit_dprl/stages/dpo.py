@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +35,8 @@ from lit_dprl.models import (
     merged_copy,
     position_ids_from_mask,
 )
-from lit_dprl.privacy.report import REPORT_NAME, export_after_fit
+from lit_dprl.privacy.report import export_after_fit
+from lit_dprl.rewards import read_input_report
 
 LossType = Literal["sigmoid", "ipo", "robust"]
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
@@ -162,6 +162,7 @@ class DPOModule(L.LightningModule):
         super().__init__()
         check_loss_settings(loss_type, beta, label_smoothing)
         self.save_hyperparameters()
+        self.input_reports = {"model": read_input_report(model)}
         self.tokenizer = load_tokenizer(model)
         policy = load_causal_lm(model, self.tokenizer, seed=seed).train()
         self.reference: PreTrainedModel | None = None
@@ -279,10 +280,9 @@ class DPOModule(L.LightningModule):
             )
 
     def privacy_metadata(self) -> dict[str, Any]:
-        """What ``privacy.json`` records of this stage (under ``"stage"``): the loss, the reference, how a pair
-        enters the gradient, and the privacy report of the starting model (None: it has none)."""
+        """What ``privacy.json`` records of this stage (under ``"stage"``): the loss, the reference, what one
+        row is, and the privacy report of the starting model (None: it has none)."""
         hp = self.hparams
-        report = Path(hp.model) / REPORT_NAME
         return {
             "stage": "dpo",
             "loss_type": hp.loss_type,
@@ -291,8 +291,8 @@ class DPOModule(L.LightningModule):
             "reference": "the policy with its LoRA adapter disabled"
             if self.reference is None
             else "frozen copy",
-            "pair_gradient": "chosen and rejected in one per-example gradient, clipped together",
-            "inputs": {"model": json.loads(report.read_text()) if report.is_file() else None},
+            "privacy_unit": "one preference pair: chosen and rejected in one per-example gradient, clipped together",
+            "inputs": self.input_reports,
         }
 
     def export(self, directory: str | os.PathLike) -> Path:
