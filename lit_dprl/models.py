@@ -292,6 +292,30 @@ def context_length(config) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
+def check_data_matches_model(
+    datamodule, tokenizer: PreTrainedTokenizerBase, source: str | os.PathLike, config
+) -> int | None:
+    """Refuse a data module whose tokenizer is not the model's or whose ``max_length`` exceeds the model's
+    context; returns the data's ``max_length`` (None when it has none)."""
+    data_tokenizer = getattr(datamodule, "tokenizer", None)
+    if data_tokenizer is not None and (
+        data_tokenizer.pad_token_id != tokenizer.pad_token_id
+        or data_tokenizer.get_vocab() != tokenizer.get_vocab()
+    ):
+        raise ValueError(
+            f"the data module's tokenizer ({getattr(datamodule, 'tokenizer_source', '?')!r}) differs from "
+            f"the model's ({str(source)!r}); give both the same model source."
+        )
+    data_max_length = getattr(datamodule, "max_length", None)
+    context = context_length(config)
+    if data_max_length is not None and context is not None and data_max_length > context:
+        raise ValueError(
+            f"data max_length={data_max_length} exceeds the model's context of {context} tokens; "
+            f"set max_length <= {context}."
+        )
+    return data_max_length
+
+
 def sequence_classifier_from_causal_lm(
     source: str | os.PathLike,
     tokenizer: PreTrainedTokenizerBase,

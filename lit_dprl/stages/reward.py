@@ -32,6 +32,7 @@ from lit_dprl.data.preferences import encode_prompt_responses
 from lit_dprl.losses import bradley_terry_loss
 from lit_dprl.models import (
     add_lora,
+    check_data_matches_model,
     context_length,
     disable_dropout,
     load_tokenizer,
@@ -228,23 +229,8 @@ class RewardModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule is None:
             return
-        data_tokenizer = getattr(datamodule, "tokenizer", None)
-        if data_tokenizer is not None and (
-            data_tokenizer.pad_token_id != self.tokenizer.pad_token_id
-            or data_tokenizer.get_vocab() != self.tokenizer.get_vocab()
-        ):
-            raise ValueError(
-                f"the data module's tokenizer ({getattr(datamodule, 'tokenizer_source', '?')!r}) differs from "
-                f"the reward model's ({self.source!r}); give both the same model source."
-            )
-        data_max_length = getattr(datamodule, "max_length", None)
+        data_max_length = check_data_matches_model(datamodule, self.tokenizer, self.source, self.model.config)
         if data_max_length is not None:
-            context = context_length(self.model.config)
-            if context is not None and data_max_length > context:
-                raise ValueError(
-                    f"data max_length={data_max_length} exceeds the model's context of {context} tokens; "
-                    f"set max_length <= {context}."
-                )
             self.max_length = data_max_length
 
     def on_fit_end(self) -> None:
