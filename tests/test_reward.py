@@ -261,7 +261,7 @@ def test_public_reference_bias_centres_reference_rewards(tmp_path):
 
 def test_max_length_beyond_the_model_context_is_refused(tmp_path):
     datamodule = PreferenceDataModule(
-        write_jsonl(tmp_path / "p.jsonl", rule_pairs(20, 0)), max_length=512, batch_size=4
+        write_jsonl(tmp_path / "p.jsonl", rule_pairs(80, 0)), max_length=512, batch_size=4
     )
     trainer = L.Trainer(accelerator="cpu", fast_dev_run=True, logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens"):
