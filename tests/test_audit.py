@@ -12,6 +12,7 @@ from scipy.stats import binom, norm
 from lit_dprl.__main__ import main as lit_dprl_main
 from lit_dprl.audit import AUDIT_NAME, PLOT_NAME, DivideNoise
 from lit_dprl.audit import main as audit_main
+from lit_dprl.data.preferences import PreferenceDataModule
 from lit_dprl.privacy.audit import (
     epsilon_lower_bound,
     guess_grid,
@@ -156,7 +157,11 @@ def test_reward_audit_end_to_end(tmp_path):
                         "--data.init_args.max_length=64",
                         "--trainer.callbacks.init_args.target_epsilon=null",
                         "--trainer.callbacks.init_args.noise_multiplier=1.0"])  # fmt: skip
-    assert audit["training_rows"] == 50 + audit["included"]
+    real = PreferenceDataModule(
+        "lit_dprl/data/fixtures/imdb_preferences.jsonl", tokenizer="tiny", val_fraction=0.9, max_length=64
+    )
+    real.setup("fit")
+    assert audit["training_rows"] == len(real.train_dataloader().dataset) + audit["included"]
     assert audit["delta"] == 1e-6 and audit["privacy_report"]["delta"] != 1e-6
     assert audit["epsilon_claimed"] > audit["privacy_report"]["epsilon"]  # the same run, read at a smaller δ
     assert np.all(np.isfinite(audit["canary_scores"])) and np.ptp(audit["canary_scores"]) > 0
