@@ -40,6 +40,19 @@ def row_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> 
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
 
 
+def draw_tokens(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``probs`` ``[R, V]`` by inverse-CDF sampling with one uniform ``u_r`` from row ``r``'s
+    own generator: ``token_r = min{v : C_{r,v} > u_r · C_{r,V}}`` with ``C`` the cumulative sum (float64).
+    Exactly ``P(token = v) = probs_v / Σ probs``; a token of probability 0 is never drawn."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    uniforms = torch.cat(
+        [torch.rand(1, generator=g, dtype=torch.float64, device=probs.device) for g in generators]
+    )
+    target = torch.minimum(uniforms.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
 class Samples(NamedTuple):
     """Sampled responses, both ``[B, T]`` with ``T <= max_new_tokens``."""
 
@@ -60,14 +73,17 @@ def sample_with_logprobs(
     temperature: float,
     min_new_tokens: int,
     max_new_tokens: int,
+    samples_per_prompt: int = 1,
 ) -> Samples:
-    """Sample continuations of left-padded prompts with a KV cache, row ``b`` drawing from ``generators[b]``.
+    """Sample ``samples_per_prompt`` continuations of each left-padded prompt with a KV cache; row
+    ``b = p·G + g`` (continuation ``g`` of prompt ``p``) draws from ``generators[b]``.
 
-    Each step draws ``torch.multinomial(q_t, 1)`` per row, as ``generate`` does for the whole batch, so a
-    one-row batch with a generator seeded like the global RNG gives ``generate``'s tokens. The loop stops when
-    every row has sampled EOS; finished rows are fed the pad token, as in ``generate``.
+    Each prompt is encoded once and its cache repeated ``G`` times. Each step draws every unfinished row's token
+    from ``q_t`` with one uniform of the row's own generator (:func:`draw_tokens`; ``generate`` draws the same
+    distribution with ``torch.multinomial`` on the global RNG). The loop stops when every row has sampled EOS;
+    finished rows are fed the pad token, as in ``generate``.
     """
-    batch = input_ids.shape[0]
+    batch = input_ids.shape[0] * samples_per_prompt
     if len(generators) != batch:
         raise ValueError(f"need one generator per row: got {len(generators)} for {batch} rows")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -79,17 +95,22 @@ def sample_with_logprobs(
         use_cache=True,
         logits_to_keep=1,
     )
+    if samples_per_prompt > 1:
+        out.cache.batch_repeat_interleave(samples_per_prompt)
+        out.logits = out.logits.repeat_interleave(samples_per_prompt, dim=0)
+        attention_mask = attention_mask.repeat_interleave(samples_per_prompt, dim=0)
+        positions = positions.repeat_interleave(samples_per_prompt, dim=0)
     next_position = positions[:, -1:] + 1
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     tokens, logprobs = [], []
     for step in range(max_new_tokens):
         scores = out.logits[:, -1].float() / temperature
         block_disallowed_(scores.unsqueeze(1), tokenizer, min_new_tokens, first_step=step)
-        probs = torch.softmax(scores, dim=-1)
+        logq = torch.log_softmax(scores, dim=-1)
         drawn = torch.full((batch,), pad, dtype=torch.long, device=input_ids.device)
-        for row in unfinished.nonzero().flatten().tolist():
-            drawn[row] = torch.multinomial(probs[row], 1, generator=generators[row])[0]
-        logq = torch.log_softmax(scores, dim=-1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+        rows = unfinished.nonzero().flatten()
+        drawn[rows] = draw_tokens(logq[rows].exp(), [generators[r] for r in rows.tolist()])
+        logq = logq.gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
         tokens.append(drawn)
         logprobs.append(torch.where(unfinished, logq, 0.0))
         unfinished &= drawn != eos

@@ -53,7 +53,7 @@ def prompt_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[s
     ]
 
 
-def completion_seeds(secret: int, batch: int, keys: list[str], samples_per_prompt: int) -> list[int]:
+def completion_seeds(secret: int, batch: int | str, keys: list[str], samples_per_prompt: int) -> list[int]:
     """Sampling seeds of the ``P·G`` completions, prompt-major (completion ``g`` of prompt ``p`` at ``p·G + g``)."""
     return [stream_seed(secret, batch, key, "sample", g) for key in keys for g in range(samples_per_prompt)]
 
@@ -188,9 +188,9 @@ def sample_completions(
     pack them one prompt per row."""
     prompts, group = queries.shape[0], len(seeds) // queries.shape[0]
     samples = sample_with_logprobs(
-        model, tokenizer, queries.repeat_interleave(group, 0), query_mask.repeat_interleave(group, 0),
-        row_generators(seeds, queries.device),
+        model, tokenizer, queries, query_mask, row_generators(seeds, queries.device),
         temperature=temperature, min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens,
+        samples_per_prompt=group,
     )  # fmt: skip
     responses, contains_eos = truncate_after_eos(
         samples.tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
