@@ -213,7 +213,7 @@ class Rollout:
     responses: torch.Tensor  # [P, G, T] truncated response tokens
     mask: torch.Tensor  # [P, G, T] valid response tokens (up to and including the first EOS)
     logprobs: torch.Tensor  # log q of the sampling policy (from the sampling loop: the "old" log-probs)
-    ref_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor  # log-probs under the reference (0 after EOS)
     values: torch.Tensor | None  # GAE only
     scores: torch.Tensor  # [P, G]
     kl: torch.Tensor

@@ -379,7 +379,7 @@ def test_grpo_and_rloo_raise_the_reward_without_and_with_dp(tmp_path):
     assert after > 5 * before
     dp = DPCallback(noise_multiplier=0.3, max_grad_norm=0.1, accountant="rdp", sampling_seed=0, noise_seed=0)
     before_dp, after_dp = _learn(
-        tmp_path / "grpo", rows, [dp], batch_size=16, steps=8, epochs=1, lr=1e-2, advantage_estimator="grpo",
+        tmp_path / "grpo", rows, [dp], batch_size=32, steps=16, epochs=1, lr=1e-2, advantage_estimator="grpo",
         **settings,
     )  # fmt: skip
     print(f"DP-GRPO (eps={dp.epsilon:.1f}): mean vowel-fraction reward {before_dp:.3f} -> {after_dp:.3f}")

@@ -392,6 +392,7 @@ class PPOModule(L.LightningModule):
         responses, mask, logprobs, contains_eos, packed = sampled
         every = torch.arange(prompts_n, device=queries.device)
         ref_logprobs, _ = self.completion_logprobs(packed, every, responses, reference=True)
+        ref_logprobs = torch.where(mask, ref_logprobs, 0.0)  # 0 after EOS, as the sampling log-probs
         values = (
             self.completion_logprobs(packed, every, responses)[1] if self.value_head is not None else None
         )
