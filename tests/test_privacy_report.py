@@ -12,7 +12,15 @@ from torch.utils.data import DataLoader
 
 from lit_dprl.data.text import collate_left_padded
 from lit_dprl.privacy import DPCallback
-from lit_dprl.privacy.report import EXPORT_MARKER, REPORT_NAME, is_export, non_private_report, write_export
+from lit_dprl.privacy.report import (
+    EXPORT_MARKER,
+    MODEL_CARD_NAME,
+    REPORT_NAME,
+    is_export,
+    model_card,
+    non_private_report,
+    write_export,
+)
 from lit_dprl.stages.sft import SFTModule
 from tests.toy_modules import ToyClassifier
 
@@ -116,7 +124,7 @@ def test_write_export_orders_weights_report_marker_and_refuses_foreign_directori
 
     target = write_export(tmp_path / "m", save, non_private_report())
     assert written == [[]]  # the model is written first, into an empty staging directory
-    assert {p.name for p in target.iterdir()} == {"weights.bin", REPORT_NAME, EXPORT_MARKER}
+    assert {p.name for p in target.iterdir()} == {"weights.bin", REPORT_NAME, MODEL_CARD_NAME, EXPORT_MARKER}
     foreign = tmp_path / "home"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -162,3 +170,18 @@ def test_report_names_the_unit_the_batch_reuse_and_the_stage(tmp_path):
     assert report["accounting_history"] == [
         {"batch_noise_multiplier": 1.0, "sample_rate": report["sample_rate"], "batches": 2}
     ]
+
+
+def test_the_model_card_states_the_guarantee_the_data_and_how_to_load(tmp_path):
+    export = tmp_path / "model"
+    module = SFTModule(model="tiny", learning_rate=1e-1, export_dir=str(export))
+    cb = DPCallback(noise_multiplier=1.0, sampling_seed=0, noise_seed=0)
+    fit(module, tmp_path / "dp", [cb], TinyText(module.tokenizer))
+    card = (export / MODEL_CARD_NAME).read_text()
+    report = read_report(export)
+    assert f"ε = {report['epsilon']:.4g}" in card and report["privacy_unit"] in card
+    assert 'AutoModelForCausalLM.from_pretrained("model")' in card
+    infinite = model_card(non_private_report(), "m")
+    assert "ε = ∞" in infinite and "no differential-privacy guarantee" in infinite
+    split = {**non_private_report(), "data_split": {"split": "D1"}}
+    assert '"split": "D1"' in model_card(split, "m")

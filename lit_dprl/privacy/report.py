@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 
 REPORT_NAME = "privacy.json"
 EXPORT_MARKER = "export_complete.json"
+MODEL_CARD_NAME = "README.md"
 DATA_SPLIT_KEY = "data_split"  # where a report carries the data module's split_provenance()
 ROW_UNIT = "one training example (one row of the training dataset)"
 
@@ -101,8 +102,8 @@ def is_export(directory: Path) -> bool:
 def write_export(directory: str | Path, save_model: Callable[[Path], Any], report: dict[str, Any]) -> Path:
     """Export a model with its report, replacing an earlier export only once the new one is complete.
 
-    ``save_model(path)`` writes the weights and tokenizer into ``path``; then ``privacy.json``, then the
-    marker ``export_complete.json`` are written, and the directory is swapped into place. An existing
+    ``save_model(path)`` writes the weights and tokenizer into ``path``; then ``privacy.json``, the model card
+    ``README.md`` and the marker ``export_complete.json`` are written, and the directory is swapped into place. An existing
     ``directory`` must be an earlier export (or empty), so that no other files are deleted.
     """
     target = Path(directory)
@@ -116,6 +117,7 @@ def write_export(directory: str | Path, save_model: Callable[[Path], Any], repor
     try:
         save_model(staging)
         write_json_atomic(staging / REPORT_NAME, report)
+        (staging / MODEL_CARD_NAME).write_text(model_card(report, target.name, _architecture(staging)))
         marker = {"completed": datetime.now(UTC).isoformat(), "report": REPORT_NAME}
         write_json_atomic(staging / EXPORT_MARKER, marker)
     except BaseException:
@@ -129,6 +131,77 @@ def write_export(directory: str | Path, save_model: Callable[[Path], Any], repor
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _architecture(directory: Path) -> str | None:
+    """The ``architectures[0]`` of the exported ``config.json`` (None without one)."""
+    try:
+        return json.loads((directory / "config.json").read_text())["architectures"][0]
+    except (OSError, KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _loader(architecture: str | None) -> str:
+    """The ``transformers`` auto class that loads ``architecture``."""
+    from transformers.models.auto import modeling_auto as auto
+
+    tasks = {
+        "AutoModelForCausalLM": auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "AutoModelForSequenceClassification": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    }
+    for loader, names in tasks.items():
+        if architecture in names.values():
+            return loader
+    return "AutoModel"
+
+
+def model_card(report: dict[str, Any], name: str, architecture: str | None = None) -> str:
+    """The export's ``README.md``: what the model is, the guarantee in words, the data it saw, how to load it."""
+    epsilon, delta = report.get("epsilon", math.inf), report.get("delta", 0.0)
+    unit = report.get("privacy_unit", ROW_UNIT)
+    if report.get("differentially_private") and math.isfinite(epsilon):
+        guarantee = (
+            f"**(ε = {epsilon:.4g}, δ = {delta:.3g})-differential privacy** with respect to adding or removing "
+            f"{unit} of its training data. Mechanism: {report.get('mechanism', 'DP-SGD')}; accountant "
+            f"{report.get('accountant')}, {report.get('steps')} accounted steps at sample rate "
+            f"{report.get('sample_rate')}, σ = {report.get('noise_multiplier')}, C = {report.get('max_grad_norm')}."
+        )
+    else:
+        guarantee = f"**ε = ∞: no differential-privacy guarantee.** {report.get('reason', '')}".rstrip()
+    lines = [
+        f"# {name}",
+        "",
+        f"Exported by lit_dprl ({architecture or 'model'}).",
+        "",
+        "## Privacy",
+        "",
+        guarantee,
+    ]
+    split = report.get(DATA_SPLIT_KEY)
+    if split:
+        lines += [
+            "",
+            "## Training data",
+            "",
+            "```json",
+            json.dumps(split, indent=2, ensure_ascii=False),
+            "```",
+        ]
+    inputs = (report.get("stage") or {}).get("inputs") or {}
+    if inputs:
+        lines += ["", "## Models it was built from", ""]
+        lines += [f"- {role}: ε = {(r or {}).get('epsilon', 'no report')}" for role, r in inputs.items()]
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
+    lines += [
+        "", "## Not covered by the guarantee", "",
+        "Values logged during training (losses, rewards, batch sizes, counters) and hyper-parameters chosen by runs "
+        "on private data. The full record, with every parameter needed to recompute ε, is `privacy.json`.",
+        "", "## Load", "", "```python", f"from transformers import AutoTokenizer, {_loader(architecture)}", "",
+        f'model = {_loader(architecture)}.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
+    ]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _replaceable(target: Path) -> bool:
