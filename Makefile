@@ -25,6 +25,6 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/lit-dprl pipeline --config configs/pipeline/imdb_demo.yaml
+	$(VENV)/bin/lit-dprl pipeline --config configs/smollm2/pipeline.yaml
 
 .PHONY: venv test demo

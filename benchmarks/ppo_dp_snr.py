@@ -1,7 +1,7 @@
-"""Signal and noise of one DP-PPO update for a PPO config: how configs/demo/ppo.yaml's C, vf_coef and LoRA were
+"""Signal and noise of one DP-PPO update for a PPO config: how configs/smollm2/ppo.yaml's C, vf_coef and LoRA were
 chosen.
 
-    python benchmarks/ppo_dp_snr.py --config configs/demo/ppo.yaml \\
+    python benchmarks/ppo_dp_snr.py --config configs/smollm2/ppo.yaml \\
         --model runs/demo/sft/model --reward_classifier runs/demo/classifier/model --vf_coef 0.1 0.005
 
 For one rollout batch of held-out prompts (the data module's validation split) it computes every prompt's
@@ -50,7 +50,9 @@ def per_prompt_gradients(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="A train.py PPO YAML (its model and data init_args).")
+    parser.add_argument(
+        "--config", required=True, help="A lit-dprl fit PPO YAML (its model and data init_args)."
+    )
     parser.add_argument("--model", required=True, help="The stage-1 export (overrides the config's).")
     parser.add_argument("--reward_classifier", required=True, help="The public reward classifier directory.")
     parser.add_argument("--batch", type=int, default=32)

@@ -1,4 +1,4 @@
-"""The command line: ``python train.py fit --config configs/<task>/<stage>.yaml``.
+"""The command line: ``lit-dprl fit --config configs/<task>/<stage>.yaml``.
 
 A thin ``LightningCLI``: any LightningModule/DataModule by ``class_path``, ``DPCallback`` under
 ``trainer.callbacks``. After ``fit`` it prints the privacy guarantee and, with
@@ -8,6 +8,8 @@ A thin ``LightningCLI``: any LightningModule/DataModule by ``class_path``, ``DPC
 from __future__ import annotations
 
 import os
+import sys
+from unittest import mock
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -58,12 +60,15 @@ class LitDPRLCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LitDPRLCLI:
-    """Entry point of ``train.py``; ``run=False`` only builds the trainer, model and data (``args`` then
-    has no subcommand), as the audit does before it inserts its canaries."""
-    return LitDPRLCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    """Entry point of ``lit-dprl fit|validate|test|predict``; ``run=False`` only builds the trainer, model and
+    data (``args`` then has no subcommand), as the audit does before it inserts its canaries. Given ``args``
+    (the pipeline, the audit, tests), the process's own command line is not read."""
+    own_argv = sys.argv[:1] if args is not None else sys.argv
+    with mock.patch.object(sys, "argv", own_argv):
+        return LitDPRLCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )

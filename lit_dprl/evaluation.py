@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torchmetrics.text.rouge import ROUGEScore
+from transformers import PreTrainedTokenizerBase
 
 from lit_dprl.generation import join_prompts_and_responses, response_logprobs, sample_responses
 from lit_dprl.models import load_causal_lm, load_tokenizer
@@ -35,13 +36,16 @@ def evaluate_policy(
     batch_size: int = 16,
     seed: int = 0,
     num_samples: int = 8,
+    fluency: str | None = None,
 ) -> dict[str, Any]:
     """Sample one response per prompt from ``policy`` (a model source) and score it.
 
     Returns ``reward_mean``/``reward_std`` (the ``reward`` on prompt + response), ``kl_to_reference``
     (mean over prompts of Σ_t log π(y_t|·) − log π_ref(y_t|·) on the sampled responses: a Monte-Carlo
     estimate of KL(π‖π_ref)) when ``reference`` is given, ROUGE-1/2/L F-measures against ``references``
-    when given, and the first ``num_samples`` (prompt, response, reward) rows.
+    when given, ``fluency_perplexity`` (``response_perplexity`` under the fixed model ``fluency``, e.g. the
+    pretrained model: word salad that games the reward scores far above fluent text) when given, and the
+    first ``num_samples`` (prompt, response, reward) rows.
     """
     tokenizer = load_tokenizer(policy)
     model = load_causal_lm(policy, tokenizer).eval()
@@ -84,6 +88,11 @@ def evaluate_policy(
     }
     if kls:
         result["kl_to_reference"] = statistics.fmean(kls)
+    if fluency is not None:
+        fluency_model = load_causal_lm(fluency, load_tokenizer(fluency)).eval()
+        result["fluency_perplexity"] = response_perplexity(
+            fluency_model, load_tokenizer(fluency), prompts, responses_text
+        )
     if references is not None:
         rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
         scores = rouge(responses_text, list(references))
@@ -96,6 +105,34 @@ def evaluate_policy(
     ]
     result["rewards"] = rewards
     return result
+
+
+@torch.no_grad()
+def response_perplexity(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+) -> float:
+    """``exp(−Σ log p(y_t | prompt, y_<t) / #tokens)`` of the responses under ``model``, pooled over all rows.
+
+    Texts are re-tokenised with ``tokenizer`` (the scoring model's own), so any policy can be scored; the
+    response tokens are those of ``prompt + response`` past the tokens of ``prompt``.
+    """
+    total_nll, total_tokens = 0.0, 0
+    for prompt, response in zip(prompts, responses, strict=True):
+        context = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(prompt + response, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if ids.shape[1] <= max(context, 1):
+            continue
+        logits = model(input_ids=ids.to(model.device)).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:].to(logits.device), reduction="none")
+        first = max(context, 1) - 1  # logits[i] predicts token i + 1
+        total_nll += float(nll[first:].sum())
+        total_tokens += nll.shape[0] - first
+    if total_tokens == 0:
+        raise ValueError("response_perplexity: every response is empty")
+    return math.exp(total_nll / total_tokens)
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:

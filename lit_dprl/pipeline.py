@@ -1,8 +1,8 @@
-"""The whole pipeline from one YAML: stage 1 → 2 → 3 (each a ``train.py`` config), a combined privacy
+"""The whole pipeline from one YAML: stage 1 → 2 → 3 (each a ``lit-dprl fit`` config), a combined privacy
 report and the evaluation of the aligned policy on held-out prompts.
 
-    python pipeline.py --config configs/pipeline/imdb_demo.yaml
-    python pipeline.py --config configs/pipeline/imdb_demo.yaml --rerun '[ppo]'   # redo one stage
+    lit-dprl pipeline --config configs/smollm2/pipeline.yaml
+    lit-dprl pipeline --config configs/smollm2/pipeline.yaml --rerun '[ppo]'   # redo one stage
 
 Each stage exports its model to ``<run_dir>/<stage>/model`` (with its ``privacy.json``, and the pipeline's
 ``data_split.json``: the data module's ``split_provenance()``); a later stage takes an earlier stage's export
@@ -52,7 +52,7 @@ class Stage:
 
     Args:
         name: Stage name; its model is exported to ``<run_dir>/<name>/model``.
-        config: A ``train.py fit`` YAML.
+        config: A ``lit-dprl fit`` YAML.
         args: Extra command-line overrides for that config (e.g. ``--trainer.max_steps=10``).
         inputs: Config keys set to an earlier stage's exported model, e.g.
             ``{model.init_args.model: sft, data.init_args.tokenizer: sft}``, or to a model directory path.
@@ -89,6 +89,8 @@ class Evaluation:
         min_new_tokens: Fewest response tokens.
         max_new_tokens: Most response tokens.
         num_samples: Held-out prompts whose continuations go into ``samples.md`` (every model side by side).
+        fluency: A fixed model source (e.g. the pretrained model) under which each model's continuations get a
+            perplexity: a reward gained by text the pretrained model finds implausible is reward hacking.
     """
 
     policy: str = "ppo"
@@ -107,6 +109,7 @@ class Evaluation:
     min_new_tokens: int = 4
     max_new_tokens: int = 16
     num_samples: int = 8
+    fluency: str | None = None
 
 
 def stage_dir(run_dir: Path, name: str) -> Path:
@@ -167,7 +170,7 @@ def public_data_split(export: Path, name: str) -> dict[str, Any]:
 
 
 def stage_command(run_dir: Path, stage: Stage, stages: dict[str, Stage]) -> list[str]:
-    """The ``train.py`` arguments that run ``stage`` inside ``run_dir``."""
+    """The ``lit-dprl fit`` arguments that run ``stage`` inside ``run_dir``."""
     args = ["fit", "--config", stage.config, *stage.args]
     for key, source in stage.inputs.items():
         if source not in stages and not Path(source).is_dir():
@@ -319,6 +322,7 @@ def evaluate(run_dir: Path, evaluation: Evaluation, stages: dict[str, Stage]) ->
             max_new_tokens=evaluation.max_new_tokens,
             seed=evaluation.seed,
             num_samples=evaluation.num_samples,
+            fluency=resolve_model(run_dir, evaluation.fluency, stages) if evaluation.fluency else None,
         )
     baseline = "sft" if "sft" in results else next(iter(evaluation.baselines), None)
     if baseline is not None:
@@ -335,14 +339,16 @@ def evaluate(run_dir: Path, evaluation: Evaluation, stages: dict[str, Stage]) ->
     lines = [
         f"Held-out IMDb test prompts: {len(prompts)}; reward = {evaluation.reward_function or evaluation.reward_stage or evaluation.reward_model}.",
         "",
-        "| model | mean reward ± s.e. | positive | distinct-2 | KL to reference |",
-        "|---|---|---|---|---|",
+        "| model | mean reward ± s.e. | positive | distinct-2 | KL to reference | perplexity under "
+        f"{evaluation.fluency or '–'} |",
+        "|---|---|---|---|---|---|",
     ]
     for label, r in results.items():
         kl = f"{r['kl_to_reference']:.3f}" if "kl_to_reference" in r else "–"
+        ppl = f"{r['fluency_perplexity']:.1f}" if "fluency_perplexity" in r else "–"
         lines.append(
             f"| {label} | {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} | {100 * r['positive_share']:.1f} % "
-            f"| {r['distinct_2']:.3f} | {kl} |"
+            f"| {r['distinct_2']:.3f} | {kl} | {ppl} |"
         )
     if "gain" in results["aligned"]:
         g = results["aligned"]["gain"]
@@ -383,7 +389,7 @@ def run_pipeline(
         else:
             for stale in (REPORT_NAME, DATA_SPLIT_FILE):  # never leave an old report beside a new model
                 (export / stale).unlink(missing_ok=True)
-            print(f"[pipeline] {stage.name}: python train.py {' '.join(stage_command(root, stage, by_name))}")
+            print(f"[pipeline] {stage.name}: lit-dprl {' '.join(stage_command(root, stage, by_name))}")
             cli = train(stage_command(root, stage, by_name))
             record_data_split(cli.datamodule, export)
             if not is_finished(root, stage):
@@ -417,9 +423,10 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"[pipeline]   {name}: public data ({split['dataset']} / split {split['split']!r})")
     for label, r in result.get("evaluation", {}).items():
         kl = f", KL to reference {r['kl_to_reference']:.3f}" if "kl_to_reference" in r else ""
+        ppl = f", perplexity {r['fluency_perplexity']:.1f}" if "fluency_perplexity" in r else ""
         print(
             f"[pipeline] {label}: mean reward {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} (s.e.), "
-            f"positive {100 * r['positive_share']:.1f} %, distinct-2 {r['distinct_2']:.3f}{kl}"
+            f"positive {100 * r['positive_share']:.1f} %, distinct-2 {r['distinct_2']:.3f}{kl}{ppl}"
         )
         if "gain" in r:
             g = r["gain"]
@@ -447,7 +454,7 @@ def parser() -> ArgumentParser:
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``pipeline.py``."""
+    """Entry point of ``lit-dprl pipeline``."""
     p = parser()
     init = p.instantiate_classes(p.parse_args(args))
     result = run_pipeline(init.run_dir, init.stages, init.evaluation, init.overlapping_users, init.rerun)

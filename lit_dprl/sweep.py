@@ -1,6 +1,6 @@
 """The privacy–utility table (Wu et al., Table 1 / Figure 3) at any scale: the pipeline for several ε and seeds.
 
-    python sweep.py --config configs/sweep/imdb_cpu.yaml
+    lit-dprl sweep --config configs/cpu-small/sweep.yaml
 
 Public stages (the sentiment classifier) run once and are shared. For every seed and ε the private stages
 run with ``DPCallback(target_epsilon=ε)`` (ε = inf: no DP, the non-private baseline: still private data, so
@@ -175,8 +175,8 @@ def run_sweep(
     return rows
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``sweep.py``."""
+def parser() -> ArgumentParser:
+    """The ``lit-dprl sweep`` arguments (a sweep YAML sets them through ``--config``)."""
     p = ArgumentParser(description="Privacy-utility sweep: the pipeline for several ε and seeds.")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--run_dir", type=str, required=True, help="Folder of all runs and the table.")
@@ -194,5 +194,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         default=1.0,
         help="Clipping norm C of the private stages: one value, or {stage name: C}.",
     )
-    cfg = p.parse_args(args)
+    return p
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``lit-dprl sweep``."""
+    cfg = parser().parse_args(args)
     return run_sweep(cfg.run_dir, cfg.pipeline, cfg.epsilons, cfg.seeds, cfg.shared_stages, cfg.max_grad_norm)

@@ -14,8 +14,30 @@ import yaml
 from lit_dprl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(c for c in (ROOT / "configs").rglob("*.yaml") if c.parent.name not in ("pipeline", "sweep"))
-PIPELINES = sorted((ROOT / "configs" / "pipeline").glob("*.yaml"))
+YAMLS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def kind(path: Path) -> str:
+    """A config's kind from its keys: a pipeline has ``stages``, a sweep a base ``pipeline``, a stage the rest."""
+    keys = set(yaml.safe_load(path.read_text()))
+    return "pipeline" if "stages" in keys else "sweep" if "pipeline" in keys else "stage"
+
+
+CONFIGS = [c for c in YAMLS if kind(c) == "stage"]
+PIPELINES = [c for c in YAMLS if kind(c) == "pipeline"]
+SWEEPS = [c for c in YAMLS if kind(c) == "sweep"]
+
+
+def test_every_recipe_folder_holds_its_stages_pipeline_and_sweep():
+    for pipeline in PIPELINES:
+        for stage in yaml.safe_load(pipeline.read_text())["stages"]:
+            assert Path(stage["config"]).parent == pipeline.relative_to(ROOT).parent, (
+                pipeline,
+                stage["config"],
+            )
+    for sweep in SWEEPS:
+        assert Path(yaml.safe_load(sweep.read_text())["pipeline"]).parent == sweep.relative_to(ROOT).parent
+    assert len(CONFIGS) + len(PIPELINES) + len(SWEEPS) == len(YAMLS) and SWEEPS and PIPELINES
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])
@@ -55,7 +77,8 @@ def test_tiny_sft_runs_under_ddp_on_two_cpu_processes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     args = [
         sys.executable,
-        "train.py",
+        "-m",
+        "lit_dprl",
         "fit",
         "--config",
         "configs/tiny/sft.yaml",
@@ -76,7 +99,7 @@ def test_tiny_ppo_runs_through_the_cli(tmp_path):
     assert (tmp_path / "ppo" / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("config", PIPELINES, ids=[c.name for c in PIPELINES])
+@pytest.mark.parametrize("config", PIPELINES, ids=[str(c.relative_to(ROOT / "configs")) for c in PIPELINES])
 def test_pipeline_config_is_valid(config):
     from lit_dprl.pipeline import parser
 
@@ -87,3 +110,18 @@ def test_pipeline_config_is_valid(config):
         assert all(v in names[:position] or "/" in v for v in stage.inputs.values()), "inputs: earlier stages"
     if cfg.evaluation is not None:
         assert cfg.evaluation.policy in names
+
+
+@pytest.mark.parametrize("config", SWEEPS, ids=[str(c.relative_to(ROOT / "configs")) for c in SWEEPS])
+def test_sweep_config_is_valid(config):
+    from lit_dprl.pipeline import parser as pipeline_parser
+    from lit_dprl.sweep import parser
+
+    cfg = parser().parse_args(["--config", str(config)])
+    assert (ROOT / cfg.pipeline).is_file(), cfg.pipeline
+    pipeline = pipeline_parser().instantiate_classes(pipeline_parser().parse_args(["--config", cfg.pipeline]))
+    names = {stage.name for stage in pipeline.stages}
+    assert set(cfg.shared_stages) <= names, "shared stages must be stages of the pipeline"
+    if isinstance(cfg.max_grad_norm, dict):
+        assert set(cfg.max_grad_norm) <= names, "max_grad_norm names stages of the pipeline"
+    assert cfg.seeds and cfg.epsilons and all(e > 0 for e in cfg.epsilons)

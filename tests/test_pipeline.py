@@ -29,7 +29,7 @@ from lit_dprl.privacy.report import EXPORT_MARKER
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pipeline")
-    result = main(["--config", "configs/pipeline/tiny.yaml", f"--run_dir={run_dir}"])
+    result = main(["--config", "configs/tiny/pipeline.yaml", f"--run_dir={run_dir}"])
     return run_dir, result
 
 
@@ -42,6 +42,8 @@ def test_pipeline_writes_every_artifact(tiny_run):
         assert (run_dir / name).is_file(), name
     assert set(result["evaluation"]) == {"pretrained", "sft", "aligned"}
     assert result["evaluation"]["sft"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
+    assert all(r["fluency_perplexity"] > 1 for r in result["evaluation"].values())
+    assert "perplexity under tiny" in (run_dir / "evaluation.md").read_text()
 
 
 def test_stage_epsilon_matches_the_accountant(tiny_run):
@@ -65,7 +67,7 @@ def test_stage_epsilon_matches_the_accountant(tiny_run):
 def test_finished_stages_are_reused(tiny_run, capsys):
     run_dir, _ = tiny_run
     before = (run_dir / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
-    main(["--config", "configs/pipeline/tiny.yaml", f"--run_dir={run_dir}", "--evaluation=null"])
+    main(["--config", "configs/tiny/pipeline.yaml", f"--run_dir={run_dir}", "--evaluation=null"])
     assert "sft: reusing" in capsys.readouterr().out
     assert (run_dir / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == before
 
@@ -139,7 +141,7 @@ class FakeData:
 
 
 def fake_train(provenance_of: dict[str, dict]):
-    """Stands in for train.py: writes the export, and a DP report unless the callbacks are emptied."""
+    """Stands in for lit-dprl fit: writes the export, and a DP report unless the callbacks are emptied."""
 
     def train(args):
         export = Path(next(a.split("=", 1)[1] for a in args if a.startswith("--model.init_args.export_dir=")))
@@ -186,7 +188,7 @@ def test_a_stage_marked_public_must_train_on_public_data(tmp_path, monkeypatch):
 
 
 def test_rlhf_path_runs_three_dp_stages_on_disjoint_imdb_sets(tmp_path):
-    result = main(["--config", "configs/pipeline/imdb_rlhf_tiny.yaml", f"--run_dir={tmp_path}"])
+    result = main(["--config", "configs/tiny/pipeline_rlhf.yaml", f"--run_dir={tmp_path}"])
     assert set(result["privacy"]["stages"]) == {"sft", "reward", "ppo"}
     assert result["privacy"]["composition"].startswith("parallel")  # D1, D2, D3 of one keyed partition
     assert all(s["epsilon"] <= 8.0 for s in result["privacy"]["stages"].values())

@@ -399,6 +399,8 @@ def test_steering_adapter_trains_only_public_direction_coefficients_under_dp(tmp
     assert [p.numel() for p in module.parameters() if p.requires_grad] == [1, 1]
     alphas = [m.alpha.item() for m in steering_modules(module.policy)]
     assert all(a != 0.0 for a in alphas)  # the DP steps moved every coefficient
+    logged = cli.trainer.logged_metrics
+    assert [float(logged[f"steering/alpha_{layer}_0"]) for layer in (0, 1)] == pytest.approx(alphas)
     report = json.loads((tmp_path / "model" / "privacy.json").read_text())
     assert report["steps"] == 3 and math.isfinite(report["epsilon"])
     assert "steering" in report["stage"]["adapter"]

@@ -53,7 +53,7 @@ def test_tiny_sweep_runs_private_and_non_private_pipelines(tmp_path):
     from lit_dprl.sweep import main
 
     clip = "--max_grad_norm={sft: 1.0, ppo: 0.25}"  # one clipping norm per private stage
-    rows = main(["--config", "configs/sweep/tiny.yaml", f"--run_dir={tmp_path}", clip])
+    rows = main(["--config", "configs/tiny/sweep.yaml", f"--run_dir={tmp_path}", clip])
     assert set(rows) == {"0", "4", "inf"}
     private = json.loads((tmp_path / "eps-4_seed-0" / "privacy_report.json").read_text())
     assert private["epsilon"] <= 4.0 and set(private["stages"]) == {"sft", "ppo"}
@@ -71,7 +71,7 @@ def test_sweep_refuses_a_clipping_norm_map_that_misses_a_private_stage(tmp_path)
     from lit_dprl.sweep import main
 
     with pytest.raises(ValueError, match=r"no clipping norm for the private stage\(s\) \['ppo'\]"):
-        main(["--config", "configs/sweep/tiny.yaml", f"--run_dir={tmp_path}", "--max_grad_norm={sft: 1.0}"])
+        main(["--config", "configs/tiny/sweep.yaml", f"--run_dir={tmp_path}", "--max_grad_norm={sft: 1.0}"])
     assert not any(tmp_path.iterdir())  # refused before anything ran
 
 
@@ -79,7 +79,7 @@ def test_sweep_refuses_to_share_a_private_stage(tmp_path):
     from lit_dprl.sweep import main
 
     with pytest.raises(ValueError, match=r"shared stage\(s\) \['sft'\] are not public"):
-        main(["--config", "configs/sweep/tiny.yaml", f"--run_dir={tmp_path}", "--shared_stages=[sft]"])
+        main(["--config", "configs/tiny/sweep.yaml", f"--run_dir={tmp_path}", "--shared_stages=[sft]"])
     assert not any(tmp_path.iterdir())
 
 

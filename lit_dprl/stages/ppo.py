@@ -72,7 +72,13 @@ from lit_dprl.rollout import (
     sample_completions,
     update_metrics,
 )
-from lit_dprl.steering import add_steering, class_mean_directions, merged_steering_copy, steering_disabled
+from lit_dprl.steering import (
+    add_steering,
+    class_mean_directions,
+    merged_steering_copy,
+    steering_disabled,
+    steering_modules,
+)
 
 
 class PPOModule(L.LightningModule):
@@ -128,8 +134,8 @@ class PPOModule(L.LightningModule):
         cliprange_value: Value clip.
         vf_coef: Weight of the value loss ("gae"). Under DP the value head shares each prompt's clipping budget
             with the policy; on SmolLM2 its gradient is ~30x the policy's at vf_coef 0.1 and takes nearly
-            all of it, so DP configs use a small weight (configs/demo/ppo.yaml: 0.005,
-            configs/cpu/ppo.yaml: 0.0002). Adam still learns the value head: its update does not scale with it.
+            all of it, so DP configs use a small weight (configs/smollm2/ppo.yaml: 0.005,
+            configs/cpu-small/ppo.yaml: 0.0002). Adam still learns the value head: its update does not scale with it.
         temperature: Sampling temperature (log-probs use the same temperature and blocked tokens).
         min_new_tokens: Fewest response tokens (EOS is blocked before).
         max_new_tokens: Most response tokens.
@@ -460,6 +466,10 @@ class PPOModule(L.LightningModule):
             "episodes_per_second": torch.tensor(episodes_per_second),
             "episode": torch.tensor(float(self.episodes)),
         }
+        for layer, module in zip(
+            self.hparams.steering_layers or [], steering_modules(self.policy), strict=True
+        ):
+            metrics |= {f"steering/alpha_{layer}_{j}": a.detach() for j, a in enumerate(module.alpha)}
         batch_size = rollout.scores.numel()
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/reward", rollout.scores.mean(), prog_bar=True, on_step=True, batch_size=batch_size)
