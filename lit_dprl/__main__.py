@@ -6,14 +6,19 @@
 - ``audit``: the empirical privacy audit of one stage (``lit_dprl.audit``).
 
 Everything runs offline: the Hugging Face hub and datasets are set offline unless the environment says
-otherwise.
+otherwise. A user error (a bad value, a missing or malformed file, a model that is not available offline, a DP
+refusal) ends with one line, ``error: <what was wrong and what to do>``, and exit status 2; set
+``LIT_DPRL_DEBUG=1`` for the whole traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
+import traceback
+from pathlib import Path
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS = {
@@ -22,6 +27,12 @@ COMMANDS = {
     "sweep": "lit_dprl.sweep",
     "audit": "lit_dprl.audit",
 }
+# exception types that mean "the input was wrong", not "the program is wrong" (the latter keep their traceback)
+USER_ERRORS = (
+    ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+    argparse.ArgumentError,
+)  # fmt: skip
+PACKAGE = str(Path(__file__).resolve().parent)
 USAGE = f"usage: lit-dprl {{{','.join(COMMANDS)}}} [--help] ...\n\n" + (__doc__ or "")
 
 
@@ -41,10 +52,35 @@ def main(args: list[str] | None = None) -> None:
             f"lit-dprl: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (see lit-dprl --help)"
         )
     entry = importlib.import_module(COMMANDS[command]).main
-    if command in LIGHTNING_COMMANDS:  # LightningCLI reads the subcommand itself (from sys.argv unless given)
-        entry(None if args is None else argv)
-    else:
-        entry(argv[1:])
+    try:
+        if (
+            command in LIGHTNING_COMMANDS
+        ):  # LightningCLI reads the subcommand itself (from sys.argv unless given)
+            entry(None if args is None else argv)
+        else:
+            entry(argv[1:])
+    except USER_ERRORS as error:
+        if os.environ.get("LIT_DPRL_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {one_line(own_cause(error))} (LIT_DPRL_DEBUG=1 shows the traceback)\n")
+        sys.exit(2)
+
+
+def own_cause(error: BaseException) -> BaseException:
+    """The innermost exception of ``error``'s chain raised by lit_dprl itself (jsonargparse wraps a stage's own
+    message in its union noise), else ``error`` (e.g. jsonargparse's own "Parser key ...: expected ...")."""
+    found, current = error, error
+    while current is not None:
+        frames = traceback.extract_tb(current.__traceback__)
+        if frames and frames[-1].filename.startswith(PACKAGE):
+            found = current
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

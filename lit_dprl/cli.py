@@ -69,6 +69,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LitDPRLCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},  # errors raise: lit-dprl prints them on one line
             args=args,
             run=run,
         )

@@ -1,0 +1,61 @@
+"""The lit-dprl command: a user error ends in one line that says what was wrong, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "LIT_DPRL_DEBUG": ""}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.init_args.model=gpt2", "error: model source 'gpt2' is not available offline"),
+        ("--trainer.callbacks.init_args.target_epsilon=0", "error: target_epsilon must be positive, got 0.0"),
+        ("--trainer.callbacks.init_args.max_grad_norm=-1", "error: max_grad_norm must be positive"),
+        (
+            "--data.init_args.source=missing.jsonl",
+            "error: data source 'missing.jsonl' is not an existing local file",
+        ),
+        ("--trainer.max_steps=ten", 'error: Parser key "trainer.max_steps"'),
+    ],
+)
+def test_a_user_error_is_one_line_with_exit_status_2_and_writes_nothing(tmp_path, override, message):
+    export = tmp_path / "sft" / "model"
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_dprl", "fit", "--config", "configs/tiny/sft.yaml", override,
+         f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.init_args.export_dir={export}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Union subtypes" not in done.stderr
+    assert not export.exists()
+
+
+def test_debug_flag_keeps_the_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_dprl", "fit", "--config", "configs/tiny/sft.yaml",
+         "--trainer.callbacks.init_args.target_epsilon=0", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        cwd=ROOT, env={**ENV, "LIT_DPRL_DEBUG": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_an_unknown_command_names_the_commands():
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_dprl", "train"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "unknown command 'train'" in done.stderr and "pipeline" in done.stderr
