@@ -116,6 +116,9 @@ class PPOModule(L.LightningModule):
         steering_source: Public labelled texts for the directions ("imdb_public", "rotten_tomatoes" or both
             joined by "+"; label 1 = the direction's positive end).
         steering_examples: Public texts used for the directions.
+        steering_max_coefficient: After every optimizer step each α is clipped to ``[-bound, bound]`` (a
+            projection of the noisy update: post-processing, no privacy cost). Choose the bound on public
+            data, e.g. the largest α whose continuations of public prompts stay fluent; None: unbounded.
         learning_rate: AdamW learning rate (paper, DPPPO on GPT-2: 3e-3).
         weight_decay: AdamW weight decay.
         ppo_epochs: Passes over each rollout batch (T_PPO; the paper uses 1 under DP).
@@ -167,6 +170,7 @@ class PPOModule(L.LightningModule):
         steering_layers: list[int] | None = None,
         steering_source: str = "imdb_public+rotten_tomatoes",
         steering_examples: int = 256,
+        steering_max_coefficient: float | None = None,
         learning_rate: float = 3e-3,
         weight_decay: float = 0.0,
         ppo_epochs: int = 1,
@@ -224,6 +228,11 @@ class PPOModule(L.LightningModule):
             )
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if steering_max_coefficient is not None and (steering_max_coefficient <= 0 or not steering_layers):
+            raise ValueError(
+                f"steering_max_coefficient bounds the steering coefficients: it needs steering_layers and a "
+                f"positive value, got {steering_max_coefficient} with steering_layers={steering_layers}"
+            )
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model)
@@ -309,7 +318,8 @@ class PPOModule(L.LightningModule):
             "kl_in_loss": hp.kl_in_loss,
             "adapter": (
                 f"steering along public class-mean directions of {hp.steering_source!r} at layers "
-                f"{hp.steering_layers} (the directions are public; only their coefficients are trained)"
+                f"{hp.steering_layers} (the directions are public; only their coefficients are trained"
+                f"{f', each within ±{hp.steering_max_coefficient:g}' if hp.steering_max_coefficient else ''})"
                 if hp.steering_layers
                 else ("LoRA" if hp.use_lora else "full fine-tuning")
             ),
@@ -452,11 +462,20 @@ class PPOModule(L.LightningModule):
                     for key, value in row_stats.items():
                         stats.setdefault(key, []).append(value)
                 optimizer.step()
+                self._project_steering()
         completions = rollout.mask.shape[0] * rollout.mask.shape[1]
         self.kl_controller.update(rollout.kl.sum(-1).mean().item(), completions)
         self.rollout_batches += 1
         self.episodes += completions
         self._log_training(rollout, stats, completions / (time.perf_counter() - started))
+
+    @torch.no_grad()
+    def _project_steering(self) -> None:
+        """Clip each steering coefficient to ``[-steering_max_coefficient, steering_max_coefficient]``."""
+        bound = self.hparams.steering_max_coefficient
+        if bound is not None:
+            for module in steering_modules(self.policy):
+                module.alpha.clamp_(-bound, bound)
 
     def _log_training(
         self, rollout: Rollout, stats: dict[str, list[torch.Tensor]], episodes_per_second: float
