@@ -196,6 +196,17 @@ def test_rlhf_path_runs_three_dp_stages_on_disjoint_imdb_sets(tmp_path):
     assert "aligned" in result["evaluation"]
 
 
+def test_dpo_path_runs_dp_sft_then_dp_dpo_on_the_rlhf_paths_d2(tmp_path):
+    result = main(["--config", "configs/tiny/pipeline_dpo.yaml", f"--run_dir={tmp_path}"])
+    stages = result["privacy"]["stages"]
+    assert set(stages) == {"sft", "dpo"} and result["privacy"]["composition"].startswith("parallel")
+    assert stages["dpo"]["data_split"]["split"] == "reward"  # D2: the pairs the RLHF path's reward model uses
+    assert stages["sft"]["data_split"]["split"] == "sft"
+    assert all(s["epsilon"] <= 8.0 for s in stages.values())
+    assert (tmp_path / "dpo" / "model" / "README.md").is_file()  # the model card
+    assert set(result["evaluation"]) == {"sft", "aligned"}
+
+
 def test_reward_pairs_come_from_d2_and_public_partners_only():
     from lit_dprl.data.labelled_pairs import imdb_preference_pairs
 
