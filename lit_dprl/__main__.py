@@ -1,9 +1,9 @@
 """The ``lit-dprl`` command (also ``python -m lit_dprl``): one entry point for every command.
 
-- ``fit`` / ``validate`` / ``test`` / ``predict``: train or evaluate one stage (``lit_dprl.cli``, LightningCLI);
-- ``pipeline``: every stage of a pipeline YAML (``lit_dprl.pipeline``);
-- ``sweep``: the privacy-utility sweep (``lit_dprl.sweep``);
-- ``audit``: the empirical privacy audit of one stage (``lit_dprl.audit``).
+- ``fit`` / ``validate`` / ``test`` / ``predict``: train or evaluate one stage (``lit_dprl.commands.fit``, LightningCLI);
+- ``pipeline``: every stage of a pipeline YAML (``lit_dprl.commands.pipeline``);
+- ``sweep``: the privacy-utility sweep (``lit_dprl.commands.sweep``);
+- ``audit``: the empirical privacy audit of one stage (``lit_dprl.commands.audit``).
 
 Everything runs offline: the Hugging Face hub and datasets are set offline unless the environment says
 otherwise. A user error (a bad value, a missing or malformed file, a model that is not available offline, a DP
@@ -22,10 +22,10 @@ from pathlib import Path
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS = {
-    **dict.fromkeys(LIGHTNING_COMMANDS, "lit_dprl.cli"),
-    "pipeline": "lit_dprl.pipeline",
-    "sweep": "lit_dprl.sweep",
-    "audit": "lit_dprl.audit",
+    **dict.fromkeys(LIGHTNING_COMMANDS, "lit_dprl.commands.fit"),
+    "pipeline": "lit_dprl.commands.pipeline",
+    "sweep": "lit_dprl.commands.sweep",
+    "audit": "lit_dprl.commands.audit",
 }
 # exception types that mean "the input was wrong", not "the program is wrong" (the latter keep their traceback)
 USER_ERRORS = (

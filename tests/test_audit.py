@@ -10,8 +10,8 @@ from scipy.optimize import brentq
 from scipy.stats import binom, norm
 
 from lit_dprl.__main__ import main as lit_dprl_main
-from lit_dprl.audit import AUDIT_NAME, PLOT_NAME, DivideNoise
-from lit_dprl.audit import main as audit_main
+from lit_dprl.commands.audit import AUDIT_NAME, PLOT_NAME, DivideNoise
+from lit_dprl.commands.audit import main as audit_main
 from lit_dprl.data.preferences import PreferenceDataModule
 from lit_dprl.privacy.audit import (
     epsilon_lower_bound,

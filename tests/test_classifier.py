@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from lit_dprl.cli import main
+from lit_dprl.commands.fit import main
 from lit_dprl.data.classification import LabelledTextDataModule, collate_labelled, tokenize_labelled
 from lit_dprl.models import build_tiny_tokenizer
 from lit_dprl.rewards import SequenceClassifierReward

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_dprl.cli import main
+from lit_dprl.commands.fit import main
 
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -101,7 +101,7 @@ def test_tiny_ppo_runs_through_the_cli(tmp_path):
 
 @pytest.mark.parametrize("config", PIPELINES, ids=[str(c.relative_to(ROOT / "configs")) for c in PIPELINES])
 def test_pipeline_config_is_valid(config):
-    from lit_dprl.pipeline import parser
+    from lit_dprl.commands.pipeline import parser
 
     cfg = parser().instantiate_classes(parser().parse_args(["--config", str(config)]))
     names = [stage.name for stage in cfg.stages]
@@ -114,8 +114,8 @@ def test_pipeline_config_is_valid(config):
 
 @pytest.mark.parametrize("config", SWEEPS, ids=[str(c.relative_to(ROOT / "configs")) for c in SWEEPS])
 def test_sweep_config_is_valid(config):
-    from lit_dprl.pipeline import parser as pipeline_parser
-    from lit_dprl.sweep import parser
+    from lit_dprl.commands.pipeline import parser as pipeline_parser
+    from lit_dprl.commands.sweep import parser
 
     cfg = parser().parse_args(["--config", str(config)])
     assert (ROOT / cfg.pipeline).is_file(), cfg.pipeline

@@ -16,7 +16,7 @@ from opacus.grad_sample import GradSampleHooks
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
-from lit_dprl.cli import main
+from lit_dprl.commands.fit import main
 from lit_dprl.data.preferences import PreferenceDataModule, PreferenceDataset, collate_preference_batch
 from lit_dprl.losses import dpo_sigmoid_loss, ipo_loss, robust_dpo_loss
 from lit_dprl.models import build_tiny_gpt2, build_tiny_tokenizer

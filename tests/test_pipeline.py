@@ -9,9 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lit_dprl.data.imdb import imdb_provenance, load_imdb_reviews, split_imdb
-from lit_dprl.data.prompts import PromptDataModule
-from lit_dprl.pipeline import (
+from lit_dprl.commands.pipeline import (
     DATA_SPLIT_FILE,
     Evaluation,
     Stage,
@@ -22,6 +20,8 @@ from lit_dprl.pipeline import (
     run_pipeline,
     stage_report,
 )
+from lit_dprl.data.imdb import imdb_provenance, load_imdb_reviews, split_imdb
+from lit_dprl.data.prompts import PromptDataModule
 from lit_dprl.privacy.accounting import epsilon_after
 from lit_dprl.privacy.report import EXPORT_MARKER
 
@@ -162,7 +162,7 @@ def test_pipeline_composes_non_private_stages_as_infinity_and_drops_stale_report
     tmp_path, monkeypatch, capsys
 ):
     provenance = {"sft.yaml": imdb_provenance("sft"), "ppo.yaml": imdb_provenance("ppo")}
-    monkeypatch.setattr("lit_dprl.cli.main", fake_train(provenance))
+    monkeypatch.setattr("lit_dprl.commands.fit.main", fake_train(provenance))
     stages = [Stage("sft", "sft.yaml"), Stage("ppo", "ppo.yaml")]
     private = run_pipeline(str(tmp_path), stages)["privacy"]
     assert private["epsilon"] == 2.0 and private["composition"].startswith("parallel")
@@ -176,9 +176,27 @@ def test_pipeline_composes_non_private_stages_as_infinity_and_drops_stale_report
     assert "(ε=∞," in capsys.readouterr().out
 
 
+def test_rerun_of_a_stage_reruns_every_stage_that_consumed_it(tmp_path, monkeypatch, capsys):
+    provenance = {
+        c: imdb_provenance(s) for c, s in [("sft.yaml", "sft"), ("ppo.yaml", "ppo"), ("rm.yaml", "reward")]
+    }
+    monkeypatch.setattr("lit_dprl.commands.fit.main", fake_train(provenance))
+    stages = [
+        Stage("sft", "sft.yaml"),
+        Stage("reward", "rm.yaml"),
+        Stage("ppo", "ppo.yaml", inputs={"model.init_args.model": "sft"}),
+    ]
+    run_pipeline(str(tmp_path), stages)
+    capsys.readouterr()
+    run_pipeline(str(tmp_path), stages, rerun=["sft"])
+    out = capsys.readouterr().out
+    assert "reward: reusing" in out  # does not consume sft
+    assert "ppo: reusing" not in out and "ppo: lit-dprl fit" in out  # trained from the old sft export
+
+
 def test_a_stage_marked_public_must_train_on_public_data(tmp_path, monkeypatch):
     provenance = {"classifier.yaml": imdb_provenance("public"), "leaky.yaml": imdb_provenance("sft")}
-    monkeypatch.setattr("lit_dprl.cli.main", fake_train(provenance))
+    monkeypatch.setattr("lit_dprl.commands.fit.main", fake_train(provenance))
     args = ["--trainer.callbacks=[]"]
     result = run_pipeline(str(tmp_path), [Stage("classifier", "classifier.yaml", args=args, public=True)])
     assert result["privacy"]["public_stages"]["classifier"]["split"] == "public"

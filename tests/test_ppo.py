@@ -203,7 +203,7 @@ def test_batch_statistics_are_refused_under_dp_and_allowed_without(prompt_file, 
 
 
 def test_dp_ppo_with_a_dp_reward_model_from_stage_2(tmp_path, prompt_file):
-    from lit_dprl.cli import main
+    from lit_dprl.commands.fit import main
 
     rm_dir = tmp_path / "rm"
     main(["fit", "--config", "configs/tiny/reward.yaml", "--trainer.max_steps=2",
@@ -286,7 +286,7 @@ def test_a_reward_function_sees_one_response_per_call(prompt_file):
 
 
 def test_tiny_grpo_config_runs_through_the_cli(tmp_path):
-    from lit_dprl.cli import main
+    from lit_dprl.commands.fit import main
 
     main(["fit", "--config", "configs/tiny/grpo.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
           f"--model.init_args.export_dir={tmp_path / 'model'}", "--trainer.max_steps=2"])  # fmt: skip
@@ -387,7 +387,7 @@ def test_grpo_and_rloo_raise_the_reward_without_and_with_dp(tmp_path):
 
 
 def test_steering_coefficients_stay_within_their_bound(tmp_path):
-    from lit_dprl.cli import main
+    from lit_dprl.commands.fit import main
 
     cli = main(["fit", "--config", "configs/tiny/grpo.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
                 f"--model.init_args.export_dir={tmp_path / 'model'}", "--trainer.max_steps=1",
@@ -402,7 +402,7 @@ def test_steering_coefficients_stay_within_their_bound(tmp_path):
 def test_steering_adapter_trains_only_public_direction_coefficients_under_dp(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lit_dprl.cli import main
+    from lit_dprl.commands.fit import main
 
     cli = main(["fit", "--config", "configs/tiny/grpo.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
                 f"--model.init_args.export_dir={tmp_path / 'model'}", "--trainer.max_steps=3",

@@ -124,7 +124,7 @@ def test_export_reloads_with_plain_transformers(trained):
     assert lora_b.requires_grad and lora_b.abs().sum() > 0  # the live model is still the unmerged adapter
 
 
-@pytest.mark.parametrize("config", ["tiny", "demo", "imdb"])
+@pytest.mark.parametrize("config", ["tiny", "smollm2", "paper-imdb"])
 def test_sft_configs_name_real_constructor_arguments(config):
     sections = yaml.safe_load((CONFIGS / config / "sft.yaml").read_text())
     for section in ("model", "data"):

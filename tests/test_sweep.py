@@ -6,7 +6,7 @@ import math
 import pytest
 import yaml
 
-from lit_dprl.sweep import dp_callbacks_arg, plot, summarise, write_table
+from lit_dprl.commands.sweep import dp_callbacks_arg, plot, summarise, write_table
 
 
 def evaluation(pretrained, sft, aligned, epsilon=1.0):
@@ -50,7 +50,7 @@ def test_dp_override_per_epsilon():
 
 
 def test_tiny_sweep_runs_private_and_non_private_pipelines(tmp_path):
-    from lit_dprl.sweep import main
+    from lit_dprl.commands.sweep import main
 
     clip = "--max_grad_norm={sft: 1.0, ppo: 0.25}"  # one clipping norm per private stage
     rows = main(["--config", "configs/tiny/sweep.yaml", f"--run_dir={tmp_path}", clip])
@@ -68,7 +68,7 @@ def test_tiny_sweep_runs_private_and_non_private_pipelines(tmp_path):
 
 
 def test_sweep_refuses_a_clipping_norm_map_that_misses_a_private_stage(tmp_path):
-    from lit_dprl.sweep import main
+    from lit_dprl.commands.sweep import main
 
     with pytest.raises(ValueError, match=r"no clipping norm for the private stage\(s\) \['ppo'\]"):
         main(["--config", "configs/tiny/sweep.yaml", f"--run_dir={tmp_path}", "--max_grad_norm={sft: 1.0}"])
@@ -76,7 +76,7 @@ def test_sweep_refuses_a_clipping_norm_map_that_misses_a_private_stage(tmp_path)
 
 
 def test_sweep_refuses_to_share_a_private_stage(tmp_path):
-    from lit_dprl.sweep import main
+    from lit_dprl.commands.sweep import main
 
     with pytest.raises(ValueError, match=r"shared stage\(s\) \['sft'\] are not public"):
         main(["--config", "configs/tiny/sweep.yaml", f"--run_dir={tmp_path}", "--shared_stages=[sft]"])
@@ -85,7 +85,7 @@ def test_sweep_refuses_to_share_a_private_stage(tmp_path):
 
 def test_shared_public_stages_feed_every_run_and_its_baselines(tmp_path):
     """A public pretraining stage shared by all runs: SFT starts from it, the evaluation's "pretrained" row is it."""
-    from lit_dprl.sweep import main
+    from lit_dprl.commands.sweep import main
 
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(

@@ -2,12 +2,12 @@
 report and the evaluation of the aligned policy on held-out prompts.
 
     lit-dprl pipeline --config configs/smollm2/pipeline.yaml
-    lit-dprl pipeline --config configs/smollm2/pipeline.yaml --rerun '[ppo]'   # redo one stage
+    lit-dprl pipeline --config configs/smollm2/pipeline.yaml --rerun '[grpo]'  # redo a stage and the stages it feeds
 
 Each stage exports its model to ``<run_dir>/<stage>/model`` (with its ``privacy.json``, and the pipeline's
 ``data_split.json``: the data module's ``split_provenance()``); a later stage takes an earlier stage's export
 through ``inputs`` (e.g. PPO's ``model.init_args.model`` ← ``sft``). A finished stage (its export and
-``data_split.json`` exist) is reused unless named in ``rerun``.
+``data_split.json`` exist) is reused unless named in ``rerun`` or fed by a stage that is.
 
 Privacy (``privacy_report.json``):
 - A stage marked ``public: true`` is left out of the composition only if its data module reports public
@@ -362,6 +362,16 @@ def evaluate(run_dir: Path, evaluation: Evaluation, stages: dict[str, Stage]) ->
     return results
 
 
+def stages_to_rerun(stages: list[Stage], named: set[str]) -> set[str]:
+    """``named`` and every stage that consumes one of them through ``inputs``, directly or through another
+    (a stage trained from an old export must not be reused next to the new one)."""
+    rerun = set(named)
+    for stage in stages:  # stages come in order: inputs name earlier stages only
+        if rerun & set(stage.inputs.values()):
+            rerun.add(stage.name)
+    return rerun
+
+
 def run_pipeline(
     run_dir: str,
     stages: list[Stage],
@@ -370,7 +380,7 @@ def run_pipeline(
     rerun: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or reuse) every stage, then write the privacy report and the evaluation into ``run_dir``."""
-    from lit_dprl.cli import main as train
+    from lit_dprl.commands.fit import main as train
 
     root = Path(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -381,6 +391,7 @@ def run_pipeline(
     unknown = rerun - set(by_name)
     if unknown:
         raise ValueError(f"rerun names unknown stages {sorted(unknown)}; stages are {list(by_name)}")
+    rerun = stages_to_rerun(stages, rerun)
     public: dict[str, dict[str, Any]] = {}
     for stage in stages:
         export = stage_dir(root, stage.name)

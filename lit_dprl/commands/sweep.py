@@ -23,9 +23,9 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lit_dprl.commands.pipeline import parser as pipeline_parser
+from lit_dprl.commands.pipeline import run_pipeline, stage_dir
 from lit_dprl.evaluation import format_epsilon, save_json
-from lit_dprl.pipeline import parser as pipeline_parser
-from lit_dprl.pipeline import run_pipeline, stage_dir
 
 
 def dp_callbacks_arg(epsilon: float, max_grad_norm: float) -> str:

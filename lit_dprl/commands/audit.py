@@ -36,7 +36,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from lightning.pytorch.loggers import CSVLogger
 
-from lit_dprl.cli import main as lightning_cli
+from lit_dprl.commands.fit import main as lightning_cli
 from lit_dprl.data.preferences import PreferenceDataModule, PreferenceDataset, collate_preference_batch
 from lit_dprl.data.text import TextDataModule
 from lit_dprl.privacy import DPCallback
@@ -168,7 +168,7 @@ def canaries_for(datamodule: Any, module: pl.LightningModule) -> TextCanaries | 
         return PreferenceCanaries(datamodule, module)
     raise ValueError(
         f"the audit supports the SFT stage (TextDataModule) and the reward stage (PreferenceDataModule), not "
-        f"{type(datamodule).__name__}; PPO is not audited (see lit_dprl.audit)"
+        f"{type(datamodule).__name__}; PPO is not audited (see lit_dprl.commands.audit)"
     )
 
 
