@@ -24,6 +24,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "LIT_DPR
             "error: data source 'missing.jsonl' is not an existing local file",
         ),
         ("--trainer.max_steps=ten", 'error: Parser key "trainer.max_steps"'),
+        ("--trainer.precision=16-true", "error: precision '16-true' trains in float16 without loss scaling"),
     ],
 )
 def test_a_user_error_is_one_line_with_exit_status_2_and_writes_nothing(tmp_path, override, message):
@@ -38,6 +39,24 @@ def test_a_user_error_is_one_line_with_exit_status_2_and_writes_nothing(tmp_path
     assert len(errors) == 1 and errors[0].startswith(message), done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "Union subtypes" not in done.stderr
     assert not export.exists()
+
+
+def test_an_export_dir_that_cannot_be_written_is_refused_before_training(tmp_path):
+    foreign = tmp_path / "taken"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for export, message in [
+        (foreign, "error: export directory"),
+        ("/proc/lit_dprl/model", "error: cannot write the export directory /proc/lit_dprl/model"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "lit_dprl", "fit", "--config", "configs/tiny/sft.yaml",
+             f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.init_args.export_dir={export}"],
+            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+        assert "Training" not in done.stdout and not list(tmp_path.rglob("metrics.csv"))  # no step was taken
+    assert (foreign / "notes.txt").read_text() == "mine"
 
 
 def test_debug_flag_keeps_the_traceback(tmp_path):

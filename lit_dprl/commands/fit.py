@@ -14,6 +14,7 @@ from unittest import mock
 from lightning.pytorch.cli import LightningCLI
 
 from lit_dprl.privacy import DPCallback
+from lit_dprl.privacy.report import check_export_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -36,6 +37,14 @@ class LitDPRLCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
+        if str(self.trainer.precision) in ("16-true", "16"):
+            raise ValueError(
+                f"precision {self.trainer.precision!r} trains in float16 without loss scaling: the loss turns "
+                "non-finite and the export would be NaN; use 'bf16-mixed', '16-mixed' (GPU) or '32-true'"
+            )
+        export_dir = getattr(self.model, "hparams", {}).get("export_dir")
+        if export_dir and self.trainer.is_global_zero:
+            check_export_dir(export_dir)  # fail now, not after the budget is spent
         self._before = None
         if self.config.get(self.subcommand, {}).get("validate_before_fit"):
             results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)

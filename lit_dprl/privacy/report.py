@@ -106,13 +106,7 @@ def write_export(directory: str | Path, save_model: Callable[[Path], Any], repor
     ``README.md`` and the marker ``export_complete.json`` are written, and the directory is swapped into place. An existing
     ``directory`` must be an earlier export (or empty), so that no other files are deleted.
     """
-    target = Path(directory)
-    if target.exists() and not _replaceable(target):
-        raise FileExistsError(
-            f"export directory {target} exists and holds files that are not an earlier export; choose a new "
-            "or empty export_dir (an earlier export is replaced as a whole)"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_export_dir(directory)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         save_model(staging)
@@ -202,6 +196,27 @@ def model_card(report: dict[str, Any], name: str, architecture: str | None = Non
         f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+def check_export_dir(directory: str | Path) -> Path:
+    """Refuse, before any training, an export directory that ``write_export`` could not fill: one that holds files
+    other than an earlier export, or whose parent cannot be created or written. Returns it as a ``Path``."""
+    target = Path(directory)
+    if target.exists() and not _replaceable(target):
+        raise FileExistsError(
+            f"export directory {target} exists and holds files that are not an earlier export; choose a new "
+            "or empty export_dir (an earlier export is replaced as a whole)"
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"cannot write the export directory {target} ({error.strerror or error}); choose a writable "
+            "export_dir before the run spends its privacy budget"
+        ) from error
+    return target
 
 
 def _replaceable(target: Path) -> bool:
