@@ -15,7 +15,7 @@ from lit_dprl.privacy import DPCallback, DPConfigurationError
 from lit_dprl.privacy import optimizers as dp_optimizers
 from lit_dprl.privacy.accounting import epsilon_after
 from tests.test_privacy_callback import flat_params, make_trainer
-from tests.toy_modules import ToyClassifier
+from tests.toy_modules import ToyClassifier, toy_dataset
 
 
 class ManualModule(ToyClassifier):
@@ -98,6 +98,34 @@ def test_under_bf16_mixed_no_clipped_per_example_gradient_exceeds_c(tmp_path, mo
     assert len(norms) == 64
     assert max(norms) <= c * (1 + 1e-6)
     assert min(norms) > 0.99 * c  # clipping was active
+
+
+# ------------------------------------------------------------------------------- numerical faults
+def test_a_non_finite_example_drops_out_of_the_step_instead_of_poisoning_it(tmp_path):
+    """One NaN row: its per-example gradient is zeroed and counted; the step equals the other rows' step."""
+    n, bad = 16, 5
+
+    class OneNaN(ToyClassifier):
+        def train_dataloader(self):
+            x, y = toy_dataset(n).tensors
+            x = x.clone()
+            x[bad] = float("nan")
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=n)
+
+    model = OneNaN(n=n, batch_size=n)
+    reference = ToyClassifier(n=n, batch_size=n)
+    reference.load_state_dict(model.state_dict())
+    x, y = toy_dataset(n).tensors
+    keep = torch.arange(n) != bad
+    loss = (
+        F.cross_entropy(reference(x[keep]), y[keep], reduction="sum") / n
+    )  # DP-SGD divides by the batch size
+    loss.backward()
+    expected = torch.cat([(p - model.lr * p.grad).detach().flatten() for p in reference.parameters()])
+    cb = DPCallback(noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False, noise_seed=0)
+    make_trainer(tmp_path, [cb], max_steps=1).fit(model)
+    assert cb._dp_optimizers[0].non_finite_units == 1
+    torch.testing.assert_close(flat_params(model), expected)
 
 
 # ------------------------------------------------------------------------------- the budget is a hard limit

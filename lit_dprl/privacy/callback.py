@@ -529,6 +529,8 @@ class DPCallback(Callback):
             "dp/noise_multiplier", self._noise_multiplier, on_step=True, on_epoch=False, batch_size=1
         )
         pl_module.log("dp/sample_rate", self.sample_rate, on_step=True, on_epoch=False, batch_size=1)
+        dropped = sum(optimizer.non_finite_units for optimizer in self._dp_optimizers)
+        pl_module.log("dp/non_finite_examples", float(dropped), on_step=True, on_epoch=False, batch_size=1)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

@@ -13,6 +13,9 @@ Before Opacus clips, each step:
   clipping factors are not computed in bf16, where a clipped gradient can exceed C by 2⁻⁸;
 - when rows are grouped into privacy units (user-level DP), averages each unit's rows into one
   per-unit gradient, so Opacus clips one gradient per unit;
+- zeroes every per-unit gradient with a NaN or inf in any parameter (counted in ``non_finite_units``): one
+  bad example drops out of the sum (a zero contribution is within the bound C) instead of turning the
+  whole noisy step into NaN;
 - counts the units in the step against what the batch allows (``start_batch``): at most the batch's
   units per step and ``epochs_per_batch`` participations per unit per batch, so a module that feeds
   every row to every minibatch is stopped before its noise is released.
@@ -40,6 +43,7 @@ def group_rows(grad_sample: torch.Tensor, row_units: torch.Tensor, num_units: in
 
 class _DPChecks:
     noisy_steps: int = 0
+    non_finite_units: int = 0
     row_units: torch.Tensor | None = None
     _units_in_batch: int | None = None
     _participations_allowed: int | None = None
@@ -89,6 +93,19 @@ class _DPChecks:
             rows = grad_sample.shape[0]
         return rows
 
+    def _zero_non_finite_units(self) -> None:
+        """Zero, in every parameter, the per-unit gradients that are not finite in some parameter."""
+        params = [p for p in self.params if p.grad_sample.shape[0] > 0]
+        if not params:
+            return
+        finite = torch.stack([p.grad_sample.flatten(1).isfinite().all(1) for p in params]).all(0)
+        if bool(finite.all()):
+            return
+        self.non_finite_units += int((~finite).sum())
+        for p in params:
+            keep = finite.to(p.grad_sample.device).view(-1, *([1] * (p.grad_sample.dim() - 1)))
+            p.grad_sample = torch.where(keep, p.grad_sample, torch.zeros_like(p.grad_sample))
+
     def _count_participation(self, units: int) -> None:
         if self._units_in_batch is None:
             return
@@ -106,6 +123,7 @@ class _DPChecks:
         self._refuse_accumulated_backwards()
         self._fill_missing_grad_samples()
         self._count_participation(self._prepare_grad_samples())
+        self._zero_non_finite_units()
         proceed = super().pre_step(closure)
         if proceed:
             self.noisy_steps += 1
