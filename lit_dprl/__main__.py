@@ -30,7 +30,7 @@ COMMANDS = {
 # exception types that mean "the input was wrong", not "the program is wrong" (the latter keep their traceback)
 USER_ERRORS = (
     ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-    argparse.ArgumentError,
+    argparse.ArgumentError, FloatingPointError,
 )  # fmt: skip
 PACKAGE = str(Path(__file__).resolve().parent)
 USAGE = f"usage: lit-dprl {{{','.join(COMMANDS)}}} [--help] ...\n\n" + (__doc__ or "")

@@ -115,6 +115,17 @@ def test_a_stage_whose_save_fails_keeps_the_old_export(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model")]
 
 
+def test_a_run_that_diverged_exports_nothing(tmp_path):
+    export = tmp_path / "model"
+    module = SFTModule(model="tiny", learning_rate=1e-2, export_dir=str(export))
+    fit(module, tmp_path / "first", [], TinyText(module.tokenizer))
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    diverged = SFTModule(model="tiny", learning_rate=float("inf"), export_dir=str(export))
+    with pytest.raises(FloatingPointError, match=r"non-finite weights.*nothing was exported"):
+        fit(diverged, tmp_path / "second", [], TinyText(diverged.tokenizer))
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before  # the earlier export is untouched
+
+
 def test_write_export_orders_weights_report_marker_and_refuses_foreign_directories(tmp_path):
     written = []
 

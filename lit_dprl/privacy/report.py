@@ -232,4 +232,10 @@ def export_after_fit(pl_module: pl.LightningModule, export_dir: str | Path | Non
     weights and tokenizer into a directory) with the trainer's report; nothing when ``export_dir`` is None."""
     if export_dir is None or not pl_module.trainer.is_global_zero:
         return None
+    broken = [name for name, p in pl_module.named_parameters() if p.requires_grad and not p.isfinite().all()]
+    if broken:
+        raise FloatingPointError(
+            f"training produced non-finite weights ({len(broken)} tensors, e.g. {broken[0]}); nothing was exported "
+            f"to {export_dir}. Lower the learning rate or use 32-true / bf16-mixed precision"
+        )
     return write_export(export_dir, pl_module.export, trainer_report(pl_module.trainer))
