@@ -21,6 +21,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Every stage's trainer defaults (a YAML overrides them): one CPU or GPU process, a CSV log under
+# ``<save_dir>/<name>``, no Lightning checkpoints unless a recipe asks for them.
+TRAINER_DEFAULTS = {
+    "accelerator": "auto",
+    "devices": 1,
+    "enable_checkpointing": False,
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+}
+
+
 def _format_metrics(metrics: dict) -> str:
     return ", ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items()) if k.startswith("val"))
 
@@ -78,6 +88,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LitDPRLCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults=TRAINER_DEFAULTS,
             parser_kwargs={"exit_on_error": False},  # errors raise: lit-dprl prints them on one line
             args=args,
             run=run,
