@@ -165,7 +165,9 @@ def test_opacus_per_example_gradients_equal_a_per_prompt_loop(prompt_file, tmp_p
         loss, _ = module.minibatch_loss(recorded["rollout"], torch.tensor([row]))
         loss.backward()
         for name, grad_sample in recorded["grad_sample"].items():
-            torch.testing.assert_close(grad_sample[row], params[name].grad, atol=1e-5, rtol=1e-4)
+            # float32 sums in another order (batched vs one row) differ by up to ~3e-5; a gradient that mixed
+            # rows or missed a row's scaling would be off by the size of the gradient itself (~1e-2)
+            torch.testing.assert_close(grad_sample[row], params[name].grad, atol=5e-5, rtol=1e-3)
 
 
 @pytest.mark.parametrize("epochs,minibatches", [(1, 1), (4, 1), (1, 4), (4, 4)])
