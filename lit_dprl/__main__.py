@@ -8,7 +8,8 @@
 Everything runs offline: the Hugging Face hub and datasets are set offline unless the environment says
 otherwise. A user error (a bad value, a missing or malformed file, a model that is not available offline, a DP
 refusal) ends with one line, ``error: <what was wrong and what to do>``, and exit status 2; set
-``LIT_DPRL_DEBUG=1`` for the whole traceback.
+``LIT_DPRL_DEBUG=1`` for the whole traceback. A run stopped by SIGTERM saves its checkpoint at the end of the
+current batch, says how to resume, and exits with status 143.
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ def main(args: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"error: {one_line(own_cause(error))} (LIT_DPRL_DEBUG=1 shows the traceback)\n")
         sys.exit(2)
+    except SystemExit as stop:
+        if (
+            type(stop).__name__ != "SIGTERMException"
+        ):  # Lightning's, raised at the end of a batch after SIGTERM
+            raise
+        sys.stderr.write(
+            "interrupted by SIGTERM: the run saved <save_dir>/<name>/checkpoints/last.ckpt; run the same command "
+            "with --ckpt_path last to resume it (a pipeline resumes its interrupted stage by itself)\n"
+        )
+        sys.exit(143)
 
 
 def own_cause(error: BaseException) -> BaseException:

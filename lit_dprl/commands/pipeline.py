@@ -7,7 +7,10 @@ report and the evaluation of the aligned policy on held-out prompts.
 Each stage exports its model to ``<run_dir>/<stage>/model`` (with its ``privacy.json``, and the pipeline's
 ``data_split.json``: the data module's ``split_provenance()``); a later stage takes an earlier stage's export
 through ``inputs`` (e.g. PPO's ``model.init_args.model`` ← ``sft``). A finished stage (its export and
-``data_split.json`` exist) is reused unless named in ``rerun`` or fed by a stage that is.
+``data_split.json`` exist) is reused unless named in ``rerun``, fed by a stage that is, or trained from inputs
+whose content changed since (``inputs.json`` records each input export's content hash). An interrupted stage
+resumes from its last checkpoint (``<run_dir>/<stage>/checkpoints/last.ckpt``, ``lit-dprl fit --ckpt_path last``);
+a rerun stage starts over.
 
 Privacy (``privacy_report.json``):
 - A stage marked ``public: true`` is left out of the composition only if its data module reports public
@@ -39,9 +42,10 @@ from lit_dprl.evaluation import (
     write_markdown_samples,
 )
 from lit_dprl.privacy.accounting import make_accountant
-from lit_dprl.privacy.report import REPORT_NAME, is_export
+from lit_dprl.privacy.report import REPORT_NAME, export_content_hash, is_export
 
 DATA_SPLIT_FILE = "data_split.json"
+INPUTS_FILE = "inputs.json"
 STAGE_FIELDS = ("epsilon", "delta", "steps", "sample_rate", "noise_multiplier")
 DISJOINT_FIELDS = ("dataset", "key_fingerprint", "fractions", "unit", "assignment")
 
@@ -169,9 +173,31 @@ def public_data_split(export: Path, name: str) -> dict[str, Any]:
     return split
 
 
-def stage_command(run_dir: Path, stage: Stage, stages: dict[str, Stage]) -> list[str]:
-    """The ``lit-dprl fit`` arguments that run ``stage`` inside ``run_dir``."""
-    args = ["fit", "--config", stage.config, *stage.args]
+def input_hashes(run_dir: Path, stage: Stage, stages: dict[str, Stage]) -> dict[str, str | None]:
+    """Each input's content hash (``export_content_hash``; None for a model source that is not an export)."""
+    return {
+        key: export_content_hash(Path(resolve_model(run_dir, source, stages)))
+        for key, source in stage.inputs.items()
+    }
+
+
+def inputs_changed(run_dir: Path, stage: Stage, stages: dict[str, Stage]) -> bool:
+    """Whether a finished stage was trained from other inputs than those there now (or did not record them)."""
+    if not stage.inputs:
+        return False
+    try:
+        recorded = json.loads((stage_dir(run_dir, stage.name) / INPUTS_FILE).read_text())
+    except (OSError, ValueError):
+        return True
+    return recorded != input_hashes(run_dir, stage, stages)
+
+
+def stage_command(run_dir: Path, stage: Stage, stages: dict[str, Stage], resume: bool = True) -> list[str]:
+    """The ``lit-dprl fit`` arguments that run ``stage`` inside ``run_dir``: resuming its last checkpoint if it
+    has one, else from the start, replacing what an unfinished or rerun stage left."""
+    args = ["fit", "--config", stage.config, *stage.args, "--overwrite=true"]
+    if resume:
+        args.append("--ckpt_path=last")
     for key, source in stage.inputs.items():
         if source not in stages and not Path(source).is_dir():
             raise ValueError(
@@ -395,14 +421,24 @@ def run_pipeline(
     public: dict[str, dict[str, Any]] = {}
     for stage in stages:
         export = stage_dir(root, stage.name)
-        if is_finished(root, stage) and stage.name not in rerun:
+        finished = is_finished(root, stage)
+        if finished and stage.name not in rerun and inputs_changed(root, stage, by_name):
+            print(f"[pipeline] {stage.name}: its inputs changed since it was trained; running it again")
+            rerun = stages_to_rerun(stages, rerun | {stage.name})
+        if finished and stage.name not in rerun:
             print(f"[pipeline] {stage.name}: reusing {export}")
         else:
-            for stale in (REPORT_NAME, DATA_SPLIT_FILE):  # never leave an old report beside a new model
+            for stale in (
+                REPORT_NAME,
+                DATA_SPLIT_FILE,
+                INPUTS_FILE,
+            ):  # never an old record beside a new model
                 (export / stale).unlink(missing_ok=True)
-            print(f"[pipeline] {stage.name}: lit-dprl {' '.join(stage_command(root, stage, by_name))}")
-            cli = train(stage_command(root, stage, by_name))
+            command = stage_command(root, stage, by_name, resume=stage.name not in rerun)
+            print(f"[pipeline] {stage.name}: lit-dprl {' '.join(command)}")
+            cli = train(command)
             record_data_split(cli.datamodule, export)
+            save_json(input_hashes(root, stage, by_name), export / INPUTS_FILE)
             if not is_finished(root, stage):
                 raise RuntimeError(f"stage {stage.name!r} ended without writing its export {export}")
         if stage.public:  # checked before any later stage consumes it

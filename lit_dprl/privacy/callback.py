@@ -545,6 +545,14 @@ class DPCallback(Callback):
             self._write_report(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self._noise_multiplier is None and self._restored is not None
+        ):  # resumed a finished run: no batch ran
+            self._noise_multiplier = self._restored["noise_multiplier"]
+            self._epochs_per_batch = self._restored.get("epochs_per_batch", 1)
+            self._minibatches_per_batch = self._restored.get("minibatches_per_batch", 1)
+            self._noisy_steps_per_example = self._restored.get("noisy_steps_per_example", 1)
+            self._report_dir = trainer.log_dir
         if self.delta is not None:
             self._write_report(trainer)
 
@@ -605,6 +613,9 @@ class DPCallback(Callback):
             "delta": self.delta,
             "batches_drawn": self._sampler.batches_drawn if self._sampler else self._ledger.batches,
             "accountant_name": self.accountant_name,
+            "epochs_per_batch": self._epochs_per_batch,
+            "minibatches_per_batch": self._minibatches_per_batch,
+            "noisy_steps_per_example": self._noisy_steps_per_example,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

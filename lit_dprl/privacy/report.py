@@ -10,6 +10,7 @@ export. The report is the attached ``DPCallback``'s, or, for a run without one, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -112,7 +113,11 @@ def write_export(directory: str | Path, save_model: Callable[[Path], Any], repor
         save_model(staging)
         write_json_atomic(staging / REPORT_NAME, report)
         (staging / MODEL_CARD_NAME).write_text(model_card(report, target.name, _architecture(staging)))
-        marker = {"completed": datetime.now(UTC).isoformat(), "report": REPORT_NAME}
+        marker = {
+            "completed": datetime.now(UTC).isoformat(),
+            "report": REPORT_NAME,
+            "files": _file_hashes(staging),
+        }
         write_json_atomic(staging / EXPORT_MARKER, marker)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -125,6 +130,27 @@ def write_export(directory: str | Path, save_model: Callable[[Path], Any], repor
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _file_hashes(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``directory``, by relative path."""
+    hashes = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
+        hashes[path.relative_to(directory).as_posix()] = digest.hexdigest()
+    return hashes
+
+
+def export_content_hash(directory: Path) -> str | None:
+    """One SHA-256 over the current contents of a completed export's files (weights, tokenizer, report, card;
+    not the marker); None for a directory that is not a completed export."""
+    if not is_export(Path(directory)):
+        return None
+    files = {k: v for k, v in _file_hashes(Path(directory)).items() if k != EXPORT_MARKER}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def _architecture(directory: Path) -> str | None:
