@@ -303,17 +303,24 @@ def check_data_matches_model(
         or data_tokenizer.get_vocab() != tokenizer.get_vocab()
     ):
         raise ValueError(
-            f"the data module's tokenizer ({getattr(datamodule, 'tokenizer_source', '?')!r}) differs from "
+            f"the data module's tokenizer ({getattr(getattr(datamodule, 'hparams', None), 'tokenizer', '?')!r}) differs from "
             f"the model's ({str(source)!r}); give both the same model source."
         )
-    data_max_length = getattr(datamodule, "max_length", None)
-    context = context_length(config)
-    if data_max_length is not None and context is not None and data_max_length > context:
-        raise ValueError(
-            f"data max_length={data_max_length} exceeds the model's context of {context} tokens; "
-            f"set max_length <= {context}."
-        )
+    data_max_length = getattr(datamodule, "max_length", None) or getattr(
+        getattr(datamodule, "hparams", None), "max_length", None
+    )
+    if data_max_length is not None:
+        check_context(data_max_length, config, "data max_length", "set max_length")
     return data_max_length
+
+
+def check_context(tokens: int, config, what: str, fix: str) -> None:
+    """Refuse sequences of ``tokens`` tokens (``what``) longer than the model's context; ``fix`` says what to set."""
+    context = context_length(config)
+    if context is not None and tokens > context:
+        raise ValueError(
+            f"{what}={tokens} exceeds the model's context of {context} tokens; {fix} so it is <= {context}."
+        )
 
 
 def sequence_classifier_from_causal_lm(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -78,3 +79,62 @@ def test_an_unknown_command_names_the_commands():
         timeout=60,
     )
     assert done.returncode != 0 and "unknown command 'train'" in done.stderr and "pipeline" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "override", "message"),
+    [
+        (
+            "sft",
+            "--data.init_args.tokenizer=smollm2",
+            "error: the data module's tokenizer ('smollm2') differs",
+        ),
+        (
+            "sft",
+            "--data.init_args.max_length=300",
+            "error: data max_length=300 exceeds the model's context of 256",
+        ),
+        (
+            "ppo",
+            "--data.init_args.tokenizer=smollm2",
+            "error: the data module's tokenizer ('smollm2') differs",
+        ),
+        (
+            "ppo",
+            "--data.init_args.max_prompt_tokens=250",
+            "error: max_prompt_tokens + max_new_tokens=262 exceeds the model's context of 256 tokens",
+        ),
+        (
+            "sft",
+            "--trainer.callbacks.init_args.target_epsilon=0.001",
+            "error: target_epsilon=0.001 cannot be reached",
+        ),
+    ],
+)
+def test_data_that_does_not_fit_the_model_or_a_budget_out_of_reach_is_refused_in_one_line(
+    tmp_path, config, override, message
+):
+    export = tmp_path / "model"
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_dprl", "fit", "--config", f"configs/tiny/{config}.yaml", override,
+         f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.init_args.export_dir={export}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and errors[0].startswith(message), done.stderr[-2000:]
+    assert not export.exists() and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_an_sft_file_of_empty_texts_is_refused(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("".join(json.dumps({"text": " " * i + "\n" * (i % 3)}) + "\n" for i in range(1, 65)))
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_dprl", "fit", "--config", "configs/tiny/sft.yaml", f"--data.init_args.source={data}",
+         "--data.init_args.val_fraction=0.25", f"--trainer.logger.init_args.save_dir={tmp_path}",
+         f"--model.init_args.export_dir={tmp_path / 'model'}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and "every 'text' is empty, so there is nothing to learn" in done.stderr, (
+        done.stderr[-2000:]
+    )
+    assert not (tmp_path / "model").exists()

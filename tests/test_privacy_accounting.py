@@ -1,6 +1,7 @@
 """ε and σ against known values and an independent accountant (Google's dp_accounting)."""
 
 import math
+import re
 
 import dp_accounting
 import pytest
@@ -99,3 +100,16 @@ def test_budget_search_composes_the_history_and_needs_no_upper_bound():
         < epsilon_after(batches=n + 1, history=history, **kwargs)
     )
     assert n < max_batches_within(budget=4.0, upper=None, **kwargs)  # the history's ε is not free
+
+
+def test_an_unreachable_epsilon_names_the_smallest_reachable_one():
+    run = dict(delta=2e-3, sample_rate=0.0625, batches=20, noisy_steps_per_example=1, accountant="prv")
+    with pytest.raises(ValueError, match="cannot be reached") as refused:
+        calibrate_noise_multiplier(target_epsilon=1e-3, **run)
+    floor = float(re.search(r"at least ε=([0-9.e+-]+) ", str(refused.value)).group(1))
+    assert 1e-3 < floor < 0.1
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=1.5 * floor, **run
+    )  # the floor the message names is real
+    spent = epsilon_after(accountant="prv", batch_noise=sigma, sample_rate=0.0625, batches=20, delta=2e-3)
+    assert floor <= spent <= 1.5 * floor

@@ -13,6 +13,7 @@ from typing import Literal
 import lightning as L
 import torch
 from datasets import Dataset
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -225,6 +226,17 @@ class TextDataModule(L.LightningDataModule):
             )
         completions = text_column(rows, text_field, where)
         prompts = None if prompt_field is None else text_column(rows, prompt_field, where)
+        empty = sum(not text.strip() for text in completions)
+        if empty == len(completions):
+            raise ValueError(
+                f"{where}: every {text_field!r} is empty, so there is nothing to learn (the loss would be 0); "
+                f"check text_field and the file"
+            )
+        if empty:
+            rank_zero_warn(
+                f"{where}: {empty} of {len(completions)} rows have an empty {text_field!r}; they are kept but add "
+                "no loss (and, under DP, a zero gradient)"
+            )
         return tokenize_examples(self.tokenizer, completions, prompts, self.hparams.max_length)
 
     def setup(self, stage: str | None = None) -> None:

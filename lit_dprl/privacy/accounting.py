@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 
 from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 ACCOUNTANTS = ("prv", "rdp")
 MAX_BATCHES = 10**9  # the search for an unbounded run's last affordable batch stops here
@@ -75,15 +75,32 @@ def calibrate_noise_multiplier(
     noisy_steps_per_example: int,
     accountant: str,
 ) -> float:
-    """The per-step σ whose ``batches`` Poisson batches (k steps each) spend at most ``target_epsilon``."""
-    batch_noise = get_noise_multiplier(
-        target_epsilon=target_epsilon,
-        target_delta=delta,
-        sample_rate=sample_rate,
-        steps=batches,
-        accountant=accountant,
-        epsilon_tolerance=0.01,
-    )
+    """The per-step σ whose ``batches`` Poisson batches (k steps each) spend at most ``target_epsilon``.
+    ``ValueError`` with the smallest reachable ε where no σ reaches the target (the accountant's floor)."""
+    try:
+        batch_noise = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=batches,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
+    except ValueError as error:
+        if "too low" not in str(error):
+            raise
+        floor = epsilon_after(
+            accountant=accountant,
+            batch_noise=MAX_SIGMA,
+            sample_rate=sample_rate,
+            batches=batches,
+            delta=delta,
+        )
+        raise ValueError(
+            f"target_epsilon={target_epsilon:g} cannot be reached: with q={sample_rate:.4g}, {batches} batches and "
+            f"δ={delta:.3g} the {accountant.upper()} accountant gives at least ε={floor:.4g} even at σ={MAX_SIGMA:g}; "
+            f"ask for ε ≥ {floor:.3g}, or run fewer batches (max_steps/max_epochs) or smaller ones (batch_size)"
+        ) from None
     return batch_noise * math.sqrt(noisy_steps_per_example)
 
 

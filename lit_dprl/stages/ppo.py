@@ -40,7 +40,14 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_dprl.data.imdb import load_public_sources
-from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, merged_copy
+from lit_dprl.models import (
+    add_lora,
+    check_context,
+    check_data_matches_model,
+    load_causal_lm,
+    load_tokenizer,
+    merged_copy,
+)
 from lit_dprl.privacy.report import export_after_fit
 from lit_dprl.rewards import (
     RewardFunction,
@@ -354,8 +361,21 @@ class PPOModule(L.LightningModule):
         return add_steering(body, dict(zip(layers, directions, strict=True)))
 
     def setup(self, stage: str) -> None:
+        """Refuse prompts tokenized for another model or that with their responses exceed the context."""
         if hasattr(self.reward, "to"):
             self.reward.to(self.device)
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            return
+        check_data_matches_model(datamodule, self.tokenizer, self.hparams.model, self.policy.config)
+        prompt_tokens = getattr(datamodule.hparams, "max_prompt_tokens", None)
+        if prompt_tokens is not None:
+            check_context(
+                prompt_tokens + self.hparams.max_new_tokens,
+                self.policy.config,
+                "max_prompt_tokens + max_new_tokens",
+                "lower data.init_args.max_prompt_tokens or model.init_args.max_new_tokens",
+            )
 
     def _score(self, prompts: list[str], texts: list[str]) -> torch.Tensor:
         """Scores ``[N]``; a ``reward_function`` is called once per response, so it cannot see other rows."""

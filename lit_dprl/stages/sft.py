@@ -16,7 +16,14 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lit_dprl.losses import causal_lm_sequence_loss
-from lit_dprl.models import add_lora, load_causal_lm, load_tokenizer, merged_copy, position_ids_from_mask
+from lit_dprl.models import (
+    add_lora,
+    check_data_matches_model,
+    load_causal_lm,
+    load_tokenizer,
+    merged_copy,
+    position_ids_from_mask,
+)
 from lit_dprl.privacy.report import export_after_fit
 
 
@@ -77,6 +84,13 @@ class SFTModule(L.LightningModule):
                 alpha=self.hparams.lora_alpha,
                 dropout=self.hparams.lora_dropout,
                 target_modules=self.hparams.lora_target_modules,
+            )
+
+    def setup(self, stage: str) -> None:
+        """Refuse a data module whose tokenizer is not this model's or whose max_length exceeds its context."""
+        if self.trainer.datamodule is not None:
+            check_data_matches_model(
+                self.trainer.datamodule, self.tokenizer, self.hparams.model, self.model.config
             )
 
     def sequence_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
