@@ -1,6 +1,6 @@
 """The ``lit-dprl`` command (also ``python -m lit_dprl``): one entry point for every command.
 
-- ``fit`` / ``validate`` / ``test`` / ``predict``: train or evaluate one stage (``lit_dprl.commands.fit``, LightningCLI);
+- ``fit`` / ``validate``: train or validate one stage (``lit_dprl.commands.fit``, LightningCLI);
 - ``pipeline``: every stage of a pipeline YAML (``lit_dprl.commands.pipeline``);
 - ``sweep``: the privacy-utility sweep (``lit_dprl.commands.sweep``);
 - ``audit``: the empirical privacy audit of one stage (``lit_dprl.commands.audit``).
@@ -21,7 +21,7 @@ import sys
 import traceback
 from pathlib import Path
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate")  # the stages define no test_step / predict_step
 COMMANDS = {
     **dict.fromkeys(LIGHTNING_COMMANDS, "lit_dprl.commands.fit"),
     "pipeline": "lit_dprl.commands.pipeline",

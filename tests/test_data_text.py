@@ -204,3 +204,18 @@ def test_only_public_sources_and_declared_files_report_public_data(tmp_path):
         assert data.split_provenance()["dataset"].startswith(f"file {tmp_path / 'rows.jsonl'} (sha256 ")
     with pytest.raises(ValueError, match="public_data declares a local file public"):
         TextDataModule(source="imdb", public_data=True)
+
+
+def test_a_malformed_jsonl_line_is_reported_by_its_file_line(tmp_path):
+    from lit_dprl.data.files import load_local_dataset
+
+    path = tmp_path / "reviews.jsonl"
+    rows = [json.dumps({"text": f"review {i}"}) for i in range(30)]
+    rows[17] = '{"text": "cut short'
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"reviews.jsonl as json: line 18, column \d+: "):
+        load_local_dataset(path)
+    rows[17] = "[1, 2]"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match="line 18: a JSON list, not an object"):
+        load_local_dataset(path)

@@ -50,6 +50,13 @@ def _format_metrics(metrics: dict) -> str:
 class LitDPRLCLI(LightningCLI):
     """LightningCLI with a privacy summary after ``fit``."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate``: the stages define no ``test_step`` or ``predict_step``."""
+        return {
+            name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "validate")
+        }
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--validate_before_fit",
@@ -152,7 +159,7 @@ class LitDPRLCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LitDPRLCLI:
-    """Entry point of ``lit-dprl fit|validate|test|predict``; ``run=False`` only builds the trainer, model and
+    """Entry point of ``lit-dprl fit|validate``; ``run=False`` only builds the trainer, model and
     data (``args`` then has no subcommand), as the audit does before it inserts its canaries. Given ``args``
     (the pipeline, the audit, tests), the process's own command line is not read."""
     own_argv = sys.argv[:1] if args is not None else sys.argv

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,10 +66,27 @@ def load_local_dataset(source: str | os.PathLike) -> Dataset:
         cause = err.__cause__ or err
         if "corresponds to no data" in str(cause):
             raise ValueError(f"{path} holds no rows; it must hold at least one example") from err
-        raise ValueError(f"could not read rows from {path} as {builder}: {cause}") from err
+        where = first_bad_json_line(path) if path.suffix.lower() == ".jsonl" else None
+        raise ValueError(f"could not read rows from {path} as {builder}: {where or cause}") from err
     if len(dataset) == 0:
         raise ValueError(f"{path} holds no rows; it must hold at least one example")
     return dataset
+
+
+def first_bad_json_line(path: Path) -> str | None:
+    """``"line N: <why>"`` for the first line of a JSON Lines file that is not one JSON object (1-based, blank
+    lines skipped), or None."""
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {number}, column {error.colno}: {error.msg}"
+            if not isinstance(row, dict):
+                return f"line {number}: a JSON {type(row).__name__}, not an object with named fields"
+    return None
 
 
 def file_dataset_name(source: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
