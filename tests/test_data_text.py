@@ -121,7 +121,10 @@ def test_dataset_size_before_setup_is_an_error():
     [
         ({"text_field": "body"}, r"has no column 'body'; its columns are \['post', 'summary', 'user_id'\]"),
         ({"text_field": "summary", "prompt_field": "title"}, "no column 'title'"),
-        ({"text_field": "user_id", "batch_size": 2}, r"column 'user_id' holds \d+ at row 0, not text"),
+        (
+            {"text_field": "user_id", "batch_size": 2},
+            r"rows\.jsonl, line 1: column 'user_id' holds \d+, not text",
+        ),
         (
             {"text_field": "summary", "val_fraction": 0.5, "max_train_examples": 3, "batch_size": 4},
             r"\(training split\) has 3 rows, fewer than batch_size=4",
@@ -219,3 +222,15 @@ def test_a_malformed_jsonl_line_is_reported_by_its_file_line(tmp_path):
     path.write_text("\n".join(rows) + "\n")
     with pytest.raises(ValueError, match="line 18: a JSON list, not an object"):
         load_local_dataset(path)
+
+
+def test_a_row_without_text_is_reported_by_its_file_line_before_any_split(tmp_path):
+    from lit_dprl.data.files import load_local_dataset
+
+    path = tmp_path / "reviews.jsonl"
+    rows = [json.dumps({"text": f"review {i}"}) for i in range(30)]
+    rows[23] = json.dumps({"text": None})
+    path.write_text("\n\n".join(rows) + "\n")  # blank lines between rows: the line number still counts them
+    with pytest.raises(ValueError, match=r"reviews\.jsonl, line 47: column 'text' holds None, not text"):
+        load_local_dataset(path, ["text"])
+    assert len(load_local_dataset(path)) == 30  # without text columns to check, the row loads

@@ -168,6 +168,7 @@ class LabelledTextDataModule(L.LightningDataModule):
             hp.public_fraction,
             hp.public_data,
             "Or use source='rotten_tomatoes' or 'imdb_public' (bundled public labelled text).",
+            text_columns=[hp.text_field],
         )
         self.check_rows(dataset, hp.source)
         parts, self._provenance = holdout(dataset, hp.val_fraction, split_key(hp.seed), name, public)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -41,8 +42,9 @@ def check_utf8(path: Path, chunk_bytes: int = 1 << 20) -> None:
             raise ValueError(f"{path} is not valid UTF-8: it ends inside a multi-byte character") from err
 
 
-def load_local_dataset(source: str | os.PathLike) -> Dataset:
-    """Rows of a local .jsonl/.json/.csv/.parquet file as a ``Dataset``; clear errors for anything else."""
+def load_local_dataset(source: str | os.PathLike, text_columns: Sequence[str] = ()) -> Dataset:
+    """Rows of a local .jsonl/.json/.csv/.parquet file as a ``Dataset``; clear errors for anything else, and for
+    a row whose value in one of ``text_columns`` (where present) is not text, named by its place in the file."""
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -70,7 +72,23 @@ def load_local_dataset(source: str | os.PathLike) -> Dataset:
         raise ValueError(f"could not read rows from {path} as {builder}: {where or cause}") from err
     if len(dataset) == 0:
         raise ValueError(f"{path} holds no rows; it must hold at least one example")
+    for column in (c for c in text_columns if c in dataset.column_names):
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"{path}, {place_in_file(path, row)}: column {column!r} holds {value!r}, not text; fix or "
+                    "drop that row"
+                )
     return dataset
+
+
+def place_in_file(path: Path, row: int) -> str:
+    """Where row ``row`` (0-based) of a loaded file is: its line in a JSON Lines file, else its row number."""
+    if path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8") as lines:
+            rows = (number for number, line in enumerate(lines, start=1) if line.strip())
+            return f"line {next(itertools.islice(rows, row, None))}"
+    return f"row {row + 1}" + (" (after the header)" if path.suffix.lower() == ".csv" else "")
 
 
 def first_bad_json_line(path: Path) -> str | None:
@@ -120,7 +138,12 @@ def text_column(dataset: Dataset, column: str, where: str) -> list[str]:
 
 
 def load_public_or_local(
-    source: str, seed: int, public_fraction: float, public_data: bool, hint: str
+    source: str,
+    seed: int,
+    public_fraction: float,
+    public_data: bool,
+    hint: str,
+    text_columns: Sequence[str] = (),
 ) -> tuple[Dataset, str, bool]:
     """``(rows, dataset name, public)`` of bundled public data (``lit_dprl.data.imdb.is_public_source``)
     or of the local file ``source``, which counts as public only with ``public_data``; a missing file's
@@ -130,6 +153,6 @@ def load_public_or_local(
     if is_public_source(source) or ("+" in source and not Path(source).expanduser().exists()):
         return load_public_sources(source, seed, public_fraction), f"bundled public data {source!r}", True
     try:
-        return load_local_dataset(source), file_dataset_name(source), public_data
+        return load_local_dataset(source, text_columns), file_dataset_name(source), public_data
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err} {hint}") from err

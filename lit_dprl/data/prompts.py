@@ -124,7 +124,7 @@ class PromptDataModule(L.LightningDataModule):
                 first_words, min_words=hp.min_prompt_words, max_words=hp.max_prompt_words, key=key
             )
             return words(train["text"], train[UNIT_COLUMN]), words(val["text"], val[UNIT_COLUMN])
-        dataset = load_local_dataset(hp.source)
+        dataset = load_local_dataset(hp.source, [hp.prompt_field])
         require_columns(dataset, [hp.prompt_field], hp.source)
         parts, self._provenance = holdout(dataset, hp.val_fraction, key, file_dataset_name(hp.source), False)
         train = self._limit(parts["train"], hp.max_train_prompts)

@@ -199,6 +199,7 @@ class TextDataModule(L.LightningDataModule):
             hp.public_data,
             "Or use source='imdb' for the bundled IMDb reviews (or 'rotten_tomatoes' / 'imdb_public' for "
             "public text).",
+            text_columns=[] if hp.format == "tldr" else [c for c in self.fields() if c],
         )
         if hp.format == "tldr":
             dataset = tldr_sft_dataset(dataset, source)
