@@ -241,3 +241,16 @@ def test_reward_pairs_come_from_d2_and_public_partners_only():
         ]
         assert not any(side in joined[name] for side in sides for name in ("sft", "ppo", "test"))
     assert {row["unit_id"] for row in val} <= set(splits["test"]["unit_id"])
+
+
+def test_held_out_prompts_from_a_local_file(tmp_path):
+    path = tmp_path / "test_posts.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"POST: {i}\n\nTL;DR:", "label": "x"}) + "\n" for i in range(5))
+    )
+    assert held_out_prompts(Evaluation(source=str(path), max_prompts=2)) == [
+        "POST: 0\n\nTL;DR:",
+        "POST: 1\n\nTL;DR:",
+    ]
+    with pytest.raises(ValueError, match="has no column 'query'"):
+        held_out_prompts(Evaluation(source=str(path), prompt_field="query"))

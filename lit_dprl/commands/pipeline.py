@@ -83,7 +83,9 @@ class Evaluation:
         reward_label: The classifier's label whose logit is the reward.
         reward_function: Or a Python callable ``package.module:function`` as the reward.
         reward_model: Or a stage (or directory) of a stage-2 reward model (RLHF path).
-        source: Held-out prompts: "imdb" (first words of reviews of the IMDb test split).
+        source: Held-out prompts: "imdb" (first words of reviews of the IMDb test split), or a local file of
+            prompts that no stage trains on (e.g. TL;DR test posts).
+        prompt_field: The prompt column of a local ``source``.
         max_prompts: Number of held-out prompts.
         min_prompt_words: Fewest words per IMDb prompt.
         max_prompt_words: Most words per IMDb prompt.
@@ -105,6 +107,7 @@ class Evaluation:
     reward_function: str | None = None
     reward_model: str | None = None
     source: str = "imdb"
+    prompt_field: str = "prompt"
     max_prompts: int = 64
     min_prompt_words: int = 2
     max_prompt_words: int = 6
@@ -300,8 +303,18 @@ def combined_privacy_report(reports: dict[str, dict[str, Any]], overlapping_user
 
 def held_out_prompts(evaluation: Evaluation) -> list[str]:
     """Prompts from the held-out test split only (never a training example of any stage)."""
-    if evaluation.source != "imdb":
-        raise ValueError(f"evaluation.source {evaluation.source!r} is not supported; use 'imdb'")
+    if (
+        evaluation.source != "imdb"
+    ):  # a local file of held-out prompts, kept out of every stage's data by the user
+        from lit_dprl.data.files import load_local_dataset
+
+        rows = load_local_dataset(evaluation.source, [evaluation.prompt_field])
+        if evaluation.prompt_field not in rows.column_names:
+            raise ValueError(
+                f"evaluation.source {evaluation.source} has no column {evaluation.prompt_field!r} (its columns: "
+                f"{rows.column_names}); set evaluation.prompt_field, or use source 'imdb'"
+            )
+        return rows[evaluation.prompt_field][: evaluation.max_prompts]
     from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
     from lit_dprl.data.prompts import first_words
     from lit_dprl.data.splits import UNIT_COLUMN, split_key
