@@ -105,24 +105,23 @@ class LitDPRLCLI(LightningCLI):
     def _refuse_overwrite(self) -> None:
         """A new run (no checkpoint to resume) must not replace an earlier run's export or checkpoint silently."""
         config = self.config[self.subcommand]
-        resuming = config.get("ckpt_path") not in (None, "last") or (
-            config.get("ckpt_path") == "last" and last_checkpoint(checkpoint_dir(self.trainer)) is not None
-        )
-        if resuming:
-            return
+        checkpoint = last_checkpoint(checkpoint_dir(self.trainer))
+        if config.get("ckpt_path") not in (None, "last") or (
+            config.get("ckpt_path") == "last" and checkpoint
+        ):
+            return  # resuming
         export_dir = getattr(self.model, "hparams", {}).get("export_dir")
-        earlier = [p for p in (last_checkpoint(checkpoint_dir(self.trainer)),) if p is not None]
+        earlier = [checkpoint] if checkpoint else []
         if export_dir and is_export(Path(export_dir)):
             earlier.append(Path(export_dir))
-        if not earlier:
-            return
-        if not config.get("overwrite"):
+        if earlier and not config.get("overwrite"):
             raise FileExistsError(
                 f"an earlier run left {', '.join(map(str, earlier))}: resume it with --ckpt_path last, choose "
                 "another export_dir and logger save_dir/name, or pass --overwrite true to start over (a second "
                 "run on the same data spends its privacy budget again)"
             )
-        shutil.rmtree(checkpoint_dir(self.trainer), ignore_errors=True)
+        if checkpoint:
+            shutil.rmtree(checkpoint.parent, ignore_errors=True)
 
     def before_fit(self) -> None:
         if str(self.trainer.precision) in ("16-true", "16"):
