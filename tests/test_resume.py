@@ -165,3 +165,29 @@ def test_a_stage_whose_input_changed_is_trained_again(tmp_path, capsys):
     run_pipeline(args)
     out = capsys.readouterr().out
     assert "sft: reusing" in out and "ppo: its inputs changed since it was trained" in out
+
+
+def test_a_checkpoint_keeps_trainable_weights_only_and_refuses_other_frozen_weights(tmp_path):
+    import lightning.pytorch as pl
+
+    from lit_dprl.commands.checkpoints import resume_callbacks
+    from tests.toy_modules import ToyClassifier
+
+    def frozen_first_layer(seed: int) -> ToyClassifier:
+        torch.manual_seed(seed)
+        module = ToyClassifier()
+        module.net[0].requires_grad_(False)
+        return module
+
+    def trainer(steps: int) -> pl.Trainer:
+        return pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          callbacks=resume_callbacks(tmp_path, every_n_steps=2), default_root_dir=tmp_path)  # fmt: skip
+
+    trainer(4).fit(frozen_first_layer(0))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert set(saved["state_dict"]) == {"net.2.weight", "net.2.bias"} and saved["global_step"] == 4
+    trainer(6).fit(
+        frozen_first_layer(0), ckpt_path=tmp_path / "last.ckpt"
+    )  # the same frozen weights: resumes
+    with pytest.raises(ValueError, match="frozen weights of this model differ"):
+        trainer(8).fit(frozen_first_layer(1), ckpt_path=tmp_path / "last.ckpt")
