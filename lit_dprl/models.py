@@ -302,15 +302,16 @@ def check_data_matches_model(
         data_tokenizer.pad_token_id != tokenizer.pad_token_id
         or data_tokenizer.get_vocab() != tokenizer.get_vocab()
     ):
+        data_source = getattr(getattr(datamodule, "hparams", None), "tokenizer", "?")
         raise ValueError(
-            f"the data module's tokenizer ({getattr(getattr(datamodule, 'hparams', None), 'tokenizer', '?')!r}) differs from "
-            f"the model's ({str(source)!r}); give both the same model source."
+            f"the data module's tokenizer ({data_source!r}) differs from the model's ({str(source)!r}); give "
+            "data.init_args.tokenizer the same source as model.init_args.model."
         )
     data_max_length = getattr(datamodule, "max_length", None) or getattr(
         getattr(datamodule, "hparams", None), "max_length", None
     )
     if data_max_length is not None:
-        check_context(data_max_length, config, "data max_length", "set max_length")
+        check_context(data_max_length, config, "data max_length", "lower data.init_args.max_length")
     return data_max_length
 
 

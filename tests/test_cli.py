@@ -107,7 +107,30 @@ def test_an_unknown_command_names_the_commands():
         (
             "sft",
             "--trainer.callbacks.init_args.target_epsilon=0.001",
-            "error: target_epsilon=0.001 cannot be reached",
+            "error: target_epsilon=0.001 cannot be reached: for this run (q=0.0625, 20 batches, δ=0.00224) the PRV "
+            "accountant certifies no ε below",
+        ),
+        (
+            "dpo",
+            "--data.init_args.tokenizer=smollm2",
+            "error: the data module's tokenizer ('smollm2') differs",
+        ),
+        (
+            "dpo",
+            "--data.init_args.max_length=300",
+            "error: data max_length=300 exceeds the model's context of 256",
+        ),
+        (
+            "classifier",
+            "--data.init_args.tokenizer=smollm2",
+            "error: the data module's tokenizer ('smollm2') differs",
+        ),
+        ("grpo", "--data.init_args.max_prompt_tokens=0", "error: max_prompt_tokens must be >= 1"),
+        ("grpo", "--data.init_args.batch_size=0", "error: batch_size must be >= 1, got 0"),
+        (
+            "grpo",
+            "--data.init_args.batch_size=300",
+            "error: the training prompts number 256, fewer than batch_size=300",
         ),
     ],
 )

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from lit_dprl.commands.fit import main
+from lit_dprl.models import SCRATCH, SMOLLM2, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -99,6 +100,15 @@ def test_tiny_ppo_runs_through_the_cli(tmp_path):
     assert (tmp_path / "ppo" / "model" / "model.safetensors").is_file()
 
 
+def data_seed(stage) -> object:
+    """The data split seed a pipeline stage trains with: its YAML's, unless the stage's args set another."""
+    seed = yaml.safe_load((ROOT / stage.config).read_text())["data"]["init_args"].get("seed")
+    for arg in stage.args:
+        if arg.startswith("--data.init_args.seed="):
+            seed = yaml.safe_load(arg.split("=", 1)[1])
+    return seed
+
+
 @pytest.mark.parametrize("config", PIPELINES, ids=[str(c.relative_to(ROOT / "configs")) for c in PIPELINES])
 def test_pipeline_config_is_valid(config):
     from lit_dprl.commands.pipeline import parser
@@ -108,8 +118,21 @@ def test_pipeline_config_is_valid(config):
     for position, stage in enumerate(cfg.stages):
         assert (ROOT / stage.config).is_file(), stage.config
         assert all(v in names[:position] or "/" in v for v in stage.inputs.values()), "inputs: earlier stages"
-    if cfg.evaluation is not None:
-        assert cfg.evaluation.policy in names
+    evaluation = cfg.evaluation
+    if evaluation is not None:
+        assert evaluation.policy in names
+        models = [
+            evaluation.reference,
+            evaluation.reward_stage,
+            evaluation.reward_model,
+            *evaluation.baselines.values(),
+        ]
+        for model in filter(None, models):  # a stage, a path or a named model source
+            assert model in names or "/" in model or model in (TINY, SCRATCH, SMOLLM2), model
+        if evaluation.source == "imdb":  # held-out prompts are the test split of the stages' keyed-hash split
+            assert {data_seed(stage) for stage in cfg.stages} == {evaluation.seed}, (
+                "one data seed, the evaluation's"
+            )
 
 
 @pytest.mark.parametrize("config", SWEEPS, ids=[str(c.relative_to(ROOT / "configs")) for c in SWEEPS])

@@ -234,3 +234,15 @@ def test_a_row_without_text_is_reported_by_its_file_line_before_any_split(tmp_pa
     with pytest.raises(ValueError, match=r"reviews\.jsonl, line 47: column 'text' holds None, not text"):
         load_local_dataset(path, ["text"])
     assert len(load_local_dataset(path)) == 30  # without text columns to check, the row loads
+
+
+def test_blank_texts_are_dropped_with_a_warning_and_a_file_of_only_blank_texts_is_refused(tmp_path):
+    rows = [{"text": ["", " \n", "\t"][i % 3] if i % 2 else f"review {i}"} for i in range(60)]
+    data = TextDataModule(source=write_jsonl(tmp_path / "rows.jsonl", rows), batch_size=2, val_fraction=0.25)
+    with pytest.warns(UserWarning, match=r"dropped \d+ of \d+ rows whose 'text' is empty or only whitespace"):
+        data.setup("fit")
+    assert len(data.train_set) + len(data.val_set) == 30
+    assert all(sum(row["loss_mask"]) >= 2 for row in data.train_set)  # a text token and EOS to learn
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": " " * (i % 3)} for i in range(40)])
+    with pytest.raises(ValueError, match=r"blank\.jsonl \(validation split\): every 'text' is empty"):
+        TextDataModule(source=blank, batch_size=2, val_fraction=0.25).setup("fit")

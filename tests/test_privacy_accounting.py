@@ -6,13 +6,16 @@ import re
 import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
+from opacus.accountants import RDPAccountant
 
 from lit_dprl.privacy.accounting import (
     batch_noise_multiplier,
     calibrate_noise_multiplier,
     epsilon_after,
+    epsilon_floor,
     max_batches_within,
 )
+from lit_dprl.privacy.refusals import DPConfigurationError
 
 
 def test_known_opacus_values():
@@ -102,14 +105,28 @@ def test_budget_search_composes_the_history_and_needs_no_upper_bound():
     assert n < max_batches_within(budget=4.0, upper=None, **kwargs)  # the history's ε is not free
 
 
-def test_an_unreachable_epsilon_names_the_smallest_reachable_one():
-    run = dict(delta=2e-3, sample_rate=0.0625, batches=20, noisy_steps_per_example=1, accountant="prv")
-    with pytest.raises(ValueError, match="cannot be reached") as refused:
-        calibrate_noise_multiplier(target_epsilon=1e-3, **run)
-    floor = float(re.search(r"at least ε=([0-9.e+-]+) ", str(refused.value)).group(1))
-    assert 1e-3 < floor < 0.1
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=1.5 * floor, **run
-    )  # the floor the message names is real
-    spent = epsilon_after(accountant="prv", batch_noise=sigma, sample_rate=0.0625, batches=20, delta=2e-3)
-    assert floor <= spent <= 1.5 * floor
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_an_unreachable_epsilon_names_the_smallest_reachable_one(accountant):
+    run = dict(delta=2e-3, sample_rate=0.0625, noisy_steps_per_example=1, accountant=accountant)
+    floors = set()
+    for batches in (20, 2000):
+        with pytest.raises(DPConfigurationError, match=r"target_epsilon=0\.001 cannot be reached") as refused:
+            calibrate_noise_multiplier(target_epsilon=1e-3, batches=batches, **run)
+        floor = float(re.search(r"certifies no ε below ([0-9.e+-]+),", str(refused.value)).group(1))
+        calibrate_noise_multiplier(target_epsilon=floor, batches=batches, **run)  # the named floor is reached
+        with pytest.raises(DPConfigurationError):  # and it is the floor (named rounded up to 3 digits)
+            calibrate_noise_multiplier(target_epsilon=0.98 * floor, batches=batches, **run)
+        floors.add(floor)
+    assert len(floors) == 1  # as the message says, fewer batches do not lower it
+
+
+def test_the_rdp_floor_is_the_conversion_of_a_zero_divergence():
+    """As σ grows every order's RDP goes to 0, so ε goes to min over the orders α of the RDP → (ε, δ) conversion
+    at 0 (Balle et al., arXiv:1905.09982, Thm 21; the one Opacus uses): log((α−1)/α) − (log δ + log α)/(α−1)."""
+    delta = 2e-3
+    independent = min(
+        math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
+        for a in RDPAccountant.DEFAULT_ALPHAS
+    )
+    floor = epsilon_floor(accountant="rdp", sample_rate=0.0625, batches=20, delta=delta)
+    assert independent <= floor <= 1.01 * independent

@@ -141,3 +141,14 @@ def test_user_level_needs_user_ids(tmp_path):
     cb = DPCallback(noise_multiplier=1.0, privacy_unit="user")
     with pytest.raises(DPConfigurationError, match="needs a user id for every row"):
         make_trainer(tmp_path, [cb], max_steps=2).fit(ToyClassifier())
+
+
+def test_more_users_per_batch_than_users_is_refused_before_training(tmp_path):
+    x, y = toy_dataset(200).tensors
+    model = UserClassifier(UserRows(x, y, [i // 4 for i in range(200)]), users_per_batch=60)  # 50 users
+    cb = DPCallback(noise_multiplier=1.0, privacy_unit="user")
+    with pytest.raises(
+        DPConfigurationError, match=r"batch size 60 does not fit the 50 users: .* q = .* = 1\.2 "
+    ):
+        make_trainer(tmp_path, [cb], max_steps=2).fit(model)
+    assert not (tmp_path / "privacy.json").exists() and model.batch_sizes == []

@@ -11,6 +11,7 @@ import functools
 import lightning as L
 import torch
 from datasets import Dataset
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -40,6 +41,18 @@ def first_words(
     return [" ".join(text.split()[:k]) for text, k in zip(texts, counts, strict=True)]
 
 
+def keep_last_tokens(rows: list[list[int]], limit: int, what: str) -> list[list[int]]:
+    """Each row cut to its last ``limit`` tokens, with a warning that counts the rows ``what`` that were cut."""
+    cut = sum(len(row) > limit for row in rows)
+    if cut:
+        rank_zero_warn(
+            f"{cut} of {len(rows)} {what} are longer than max_prompt_tokens={limit} and were cut to their last "
+            f"{limit} tokens; raise max_prompt_tokens to keep them whole (max_prompt_tokens + max_new_tokens must "
+            "fit the model's context)"
+        )
+    return [row[-limit:] for row in rows]
+
+
 def collate_prompts(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompt batch: ``input_ids`` and ``attention_mask``, ``[B, T]``."""
     input_ids, attention_mask = left_pad([row["input_ids"] for row in rows], pad_token_id)
@@ -57,7 +70,7 @@ class PromptDataModule(L.LightningDataModule):
         prompt_field: Column holding prompts in a local file.
         min_prompt_words: Fewest words of a review kept as an IMDb prompt.
         max_prompt_words: Most words of a review kept as an IMDb prompt.
-        max_prompt_tokens: Prompts are cut to their last this-many tokens.
+        max_prompt_tokens: Prompts are cut to their last this-many tokens (with a warning that counts them).
         batch_size: Prompts per rollout batch (the expected batch under DP's Poisson sampling).
         max_train_prompts: Keep only this many training prompts (the first in keyed-hash order).
         max_val_prompts: Keep only this many held-out prompts (the first in keyed-hash order).
@@ -91,6 +104,10 @@ class PromptDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_prompt_tokens < 1:
+            raise ValueError(
+                f"max_prompt_tokens must be >= 1 (prompts keep their last this-many tokens), got {max_prompt_tokens}"
+            )
         self.save_hyperparameters()
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_set: Dataset | None = None
@@ -143,7 +160,7 @@ class PromptDataModule(L.LightningDataModule):
                 "lower batch_size or add prompts"
             )
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        ids = [row[-self.hparams.max_prompt_tokens :] for row in ids]
+        ids = keep_last_tokens(ids, self.hparams.max_prompt_tokens, f"{name} prompts")
         empty = [i for i, row in enumerate(ids) if not row]
         if empty:
             raise ValueError(f"{len(empty)} {name} prompts are empty (rows {empty[:10]}); remove them")

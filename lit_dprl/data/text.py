@@ -81,6 +81,25 @@ def tokenize_examples(
     return Dataset.from_dict({"input_ids": [ids for ids, _ in rows], "loss_mask": [mask for _, mask in rows]})
 
 
+def drop_blank_texts(rows: Dataset, column: str, where: str) -> Dataset:
+    """``rows`` without those whose ``column`` is empty or only whitespace (a warning counts them): they hold
+    nothing to learn. ``ValueError`` when every row is blank."""
+    texts = text_column(rows, column, where)
+    keep = [index for index, text in enumerate(texts) if text.strip()]
+    if texts and not keep:
+        raise ValueError(
+            f"{where}: every {column!r} is empty, so there is nothing to learn (blank and whitespace-only texts "
+            "count as empty); check text_field and the file"
+        )
+    if len(keep) == len(texts):
+        return rows
+    rank_zero_warn(
+        f"{where}: dropped {len(texts) - len(keep)} of {len(texts)} rows whose {column!r} is empty or only "
+        "whitespace (nothing to learn from them)"
+    )
+    return rows.select(keep)
+
+
 def collate_left_padded(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-pad rows to the batch's longest: ``input_ids``, ``attention_mask``, ``loss_mask``, each ``[B, T]``."""
     input_ids, attention_mask = left_pad([example["input_ids"] for example in examples], pad_token_id)
@@ -213,10 +232,11 @@ class TextDataModule(L.LightningDataModule):
         return self.hparams.text_field, self.hparams.prompt_field
 
     def prepare_split(self, rows: Dataset, name: str, limit: int | None) -> Dataset:
-        """Check columns and size, keep the first ``limit`` rows, tokenize."""
+        """Check columns, drop blank texts, keep the first ``limit`` rows, check the size, tokenize."""
         where = f"{self.hparams.source} ({name} split)"
         text_field, prompt_field = self.fields()
         require_columns(rows, [text_field] if prompt_field is None else [text_field, prompt_field], where)
+        rows = drop_blank_texts(rows, text_field, where)
         if limit is not None:
             rows = rows.select(range(min(limit, len(rows))))
         if len(rows) < self.hparams.batch_size:
@@ -227,17 +247,6 @@ class TextDataModule(L.LightningDataModule):
             )
         completions = text_column(rows, text_field, where)
         prompts = None if prompt_field is None else text_column(rows, prompt_field, where)
-        empty = sum(not text.strip() for text in completions)
-        if empty == len(completions):
-            raise ValueError(
-                f"{where}: every {text_field!r} is empty, so there is nothing to learn (the loss would be 0); "
-                f"check text_field and the file"
-            )
-        if empty:
-            rank_zero_warn(
-                f"{where}: {empty} of {len(completions)} rows have an empty {text_field!r}; they are kept but add "
-                "no loss (and, under DP, a zero gradient)"
-            )
         return tokenize_examples(self.tokenizer, completions, prompts, self.hparams.max_length)
 
     def setup(self, stage: str | None = None) -> None:

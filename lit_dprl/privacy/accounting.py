@@ -21,9 +21,14 @@ from collections.abc import Sequence
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
+from lit_dprl.privacy.refusals import DPConfigurationError
+
 ACCOUNTANTS = ("prv", "rdp")
 MAX_BATCHES = 10**9  # the search for an unbounded run's last affordable batch stops here
 History = Sequence[tuple[float, float, int]]
+# Opacus's calibration doubles σ from 20 and gives up at the first σ above MAX_SIGMA, so the largest σ it can return
+# is 10·2^16 ≈ 6.6e5 > FLOOR_SIGMA: a target at or above ε(FLOOR_SIGMA) is reached (ε falls as σ grows).
+FLOOR_SIGMA = MAX_SIGMA / 2
 
 
 def batch_noise_multiplier(noise_multiplier: float, noisy_steps_per_example: int) -> float:
@@ -75,8 +80,8 @@ def calibrate_noise_multiplier(
     noisy_steps_per_example: int,
     accountant: str,
 ) -> float:
-    """The per-step σ whose ``batches`` Poisson batches (k steps each) spend at most ``target_epsilon``.
-    ``ValueError`` with the smallest reachable ε where no σ reaches the target (the accountant's floor)."""
+    """The per-step σ whose ``batches`` Poisson batches (k steps each) spend at most ``target_epsilon``;
+    ``DPConfigurationError`` naming the smallest reachable ε (``epsilon_floor``) where no σ reaches it."""
     try:
         batch_noise = get_noise_multiplier(
             target_epsilon=target_epsilon,
@@ -89,19 +94,46 @@ def calibrate_noise_multiplier(
     except ValueError as error:
         if "too low" not in str(error):
             raise
-        floor = epsilon_after(
-            accountant=accountant,
-            batch_noise=MAX_SIGMA,
-            sample_rate=sample_rate,
-            batches=batches,
-            delta=delta,
-        )
-        raise ValueError(
-            f"target_epsilon={target_epsilon:g} cannot be reached: with q={sample_rate:.4g}, {batches} batches and "
-            f"δ={delta:.3g} the {accountant.upper()} accountant gives at least ε={floor:.4g} even at σ={MAX_SIGMA:g}; "
-            f"ask for ε ≥ {floor:.3g}, or run fewer batches (max_steps/max_epochs) or smaller ones (batch_size)"
-        ) from None
+        raise unreachable_target(target_epsilon, delta, sample_rate, batches, accountant) from None
     return batch_noise * math.sqrt(noisy_steps_per_example)
+
+
+def epsilon_floor(*, accountant: str, sample_rate: float, batches: int, delta: float) -> float:
+    """The smallest ε that calibration reaches for this run: ε at σ_batch = ``FLOOR_SIGMA``, rounded up to 3
+    significant digits. There ε no longer falls with σ: what is left is the accountant's own floor (RDP's
+    conversion over its finite orders, PRV's discretisation error), set by δ, hardly by q or the batches."""
+    floor = epsilon_after(
+        accountant=accountant, batch_noise=FLOOR_SIGMA, sample_rate=sample_rate, batches=batches, delta=delta
+    )
+    return round_up(floor, digits=3)
+
+
+def unreachable_target(
+    target_epsilon: float, delta: float, sample_rate: float, batches: int, accountant: str
+) -> DPConfigurationError:
+    """The refusal of a ``target_epsilon`` below the accountant's floor: the floor, why, and what to set."""
+    run = {"sample_rate": sample_rate, "batches": batches, "delta": delta}
+    floor = epsilon_floor(accountant=accountant, **run)
+    prv = (
+        ""
+        if accountant == "prv"
+        else f", or accountant='prv', whose floor here is {epsilon_floor(accountant='prv', **run):g}"
+    )
+    return DPConfigurationError(
+        f"target_epsilon={target_epsilon:g} cannot be reached: for this run (q={sample_rate:.4g}, {batches} "
+        f"batches, δ={delta:.3g}) the {accountant.upper()} accountant certifies no ε below {floor:g}, even at "
+        f"noise multiplier σ={FLOOR_SIGMA:g} where training learns nothing. The floor comes from δ and the "
+        "accountant's precision, not from the number or size of batches: set target_epsilon >= "
+        f"{floor:g}{prv} (a larger target_delta lowers the floor too, but weakens the guarantee)"
+    )
+
+
+def round_up(value: float, digits: int) -> float:
+    """``value`` rounded up to ``digits`` significant digits, so that a bound stated in a message holds."""
+    if not math.isfinite(value) or value <= 0:
+        return value
+    scale = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
+    return math.ceil(value / scale) * scale
 
 
 def max_batches_within(

@@ -17,6 +17,7 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 
 from lit_dprl.privacy.refusals import DPConfigurationError
+from lit_dprl.privacy.sampling import EmptyBatch
 from lit_dprl.privacy.units import chunk_bounds
 
 
@@ -80,3 +81,34 @@ def accumulate_leading_chunks(
     begin, end = bounds[-1]
     set_step_units(optimizer, row_units, begin, end)
     return apply_to_collection(batch, torch.Tensor, lambda t: t[begin:end])
+
+
+def dp_training_step(
+    pl_module: pl.LightningModule,
+    training_step: Callable[..., Any],
+    batch: Any,
+    args: tuple,
+    kwargs: dict,
+    *,
+    steps_per_optimizer: int,
+    optimizers: Sequence[Any],
+    max_physical_batch_size: int | None,
+    row_units: Sequence[int] | None,
+) -> Any:
+    """``training_step`` on a Poisson batch: an empty one takes noise-only steps, a large one runs in chunks."""
+    if isinstance(batch, EmptyBatch):
+        if not pl_module.automatic_optimization:
+            noise_only_manual_steps(pl_module, steps_per_optimizer)
+        return None  # automatic optimization: the DP optimizer still takes a noise-only step
+    if max_physical_batch_size and pl_module.automatic_optimization:
+        (optimizer,) = optimizers
+        batch = accumulate_leading_chunks(
+            batch,
+            training_step,
+            args,
+            kwargs,
+            optimizer=optimizer,
+            limit=max_physical_batch_size,
+            row_units=row_units,
+        )
+    return training_step(batch, *args, **kwargs)

@@ -123,9 +123,10 @@ def training_units(
     n = num_rows if rows_of_unit is None else len(rows_of_unit)
     if n < 2:
         raise DPConfigurationError(f"DP training needs at least 2 privacy units ({words}), got {n}")
-    if batch_size > n:
+    if not 1 <= batch_size <= n:
         raise DPConfigurationError(
-            f"batch_size={batch_size} exceeds the {n} {words}: the Poisson rate q = batch_size / N must be <= 1"
+            f"the expected batch size {batch_size} does not fit the {n} {words}: the Poisson rate q = batch_size / N "
+            f"= {batch_size / n:.3g} must be in (0, 1]; set batch_size between 1 and {n}"
         )
     if target_delta is None:
         delta = default_delta(n)

@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lit_dprl.models import (
     add_lora,
-    context_length,
+    check_data_matches_model,
     load_tokenizer,
     merged_copy,
     position_ids_from_mask,
@@ -150,19 +150,7 @@ class ClassifierModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule is None:
             return
-        data_tokenizer = getattr(datamodule, "tokenizer", None)
-        if data_tokenizer is not None and data_tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(
-                f"the data module's tokenizer differs from the classifier's ({self.hparams.model!r}); give "
-                "data.init_args.tokenizer the same source as model.init_args.model."
-            )
-        context = context_length(self.model.config)
-        max_length = getattr(datamodule, "max_length", None)
-        if context is not None and max_length is not None and max_length > context:
-            raise ValueError(
-                f"data max_length={max_length} exceeds the model's context of {context} tokens; "
-                f"set max_length <= {context}."
-            )
+        check_data_matches_model(datamodule, self.tokenizer, self.hparams.model, self.model.config)
         if (
             getattr(datamodule, "train_set", None) is not None
             and datamodule.max_label >= self.hparams.num_labels
