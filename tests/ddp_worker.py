@@ -1,4 +1,8 @@
-"""Run by tests/test_privacy_ddp.py as a script: Lightning DDP relaunches it once per rank."""
+"""Run by tests/test_privacy_ddp.py as a script: Lightning DDP relaunches it once per rank.
+
+With a fifth argument ``nodes`` (> 1) it is one node of a multi-node run with one process per node: the test
+starts one process per node with ``NODE_RANK``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` set, as a cluster
+launcher would, and Lightning joins them (``num_nodes=nodes``, ``devices=1``)."""
 
 import sys
 import warnings
@@ -18,13 +22,15 @@ if __name__ == "__main__":
         float(sys.argv[3]),
         int(sys.argv[4]),
     )
+    nodes = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     torch.manual_seed(0)
     model = ToyClassifier(n=64, batch_size=8, lr=1.0, hidden=300 if zero_loss else 16, zero_loss=zero_loss)
     initial = torch.cat([p.detach().flatten() for p in model.parameters()])
-    cb = DPCallback(noise_multiplier=sigma, max_grad_norm=0.5, sampling_seed=11)
+    cb = DPCallback(noise_multiplier=sigma, max_grad_norm=0.5, sampling_seed=11, noise_seed=5)
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=2 if nodes == 1 else 1,
+        num_nodes=nodes,
         strategy="ddp",
         max_steps=steps,
         callbacks=[cb],

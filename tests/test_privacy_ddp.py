@@ -45,3 +45,51 @@ def test_ddp_noise_is_added_once(tmp_path):
     expected_std = sigma * clip / (64 * rank0["q"])
     ratio = update.std().item() / expected_std
     assert 0.9 < ratio < 1.1, ratio  # noise added on every rank would give sqrt(2) = 1.41
+
+
+def run_two_nodes(tmp_path: Path, sigma: float, steps: int) -> tuple[dict, dict]:
+    """Two single-process "nodes" on this machine, started as a cluster launcher would start them."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.ddp_worker", str(tmp_path), "ce", str(sigma), str(steps), "2"],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "NODE_RANK": str(node),
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "2",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 0, stderr[-3000:]
+    return torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+
+
+def test_two_nodes_train_exactly_as_two_devices_on_one_node(tmp_path):
+    """num_nodes × devices ranks share one global Poisson sample: 2 nodes × 1 process give the same steps,
+    batches, sample rate and weights as 1 node × 2 processes with the same seeds."""
+    (tmp_path / "nodes").mkdir()
+    (tmp_path / "devices").mkdir()
+    nodes0, nodes1 = run_two_nodes(tmp_path / "nodes", sigma=1.0, steps=8)
+    devices0, devices1 = run_ddp(tmp_path / "devices", zero_loss=False, sigma=1.0, steps=8)
+    torch.testing.assert_close(nodes0["final"], nodes1["final"], rtol=0, atol=0)
+    assert nodes0["q"] == devices0["q"] == 8 / 64
+    assert nodes0["steps"] == devices0["steps"] == 8
+    assert (
+        nodes0["batch_sizes"] == devices0["batch_sizes"] and nodes1["batch_sizes"] == devices1["batch_sizes"]
+    )
+    torch.testing.assert_close(nodes0["final"], devices0["final"])
