@@ -5,17 +5,29 @@ sampler and accountant), m canaries are made, each is added to the stage's priva
 independently with probability ½ (the coins stay secret until scoring), the stage trains, every canary is
 scored, and ``lit_dprl.privacy.audit.one_run_audit`` turns the scores into ε_emp (Steinke, Nasr &
 Jagielski 2023). Black-box canaries, scored by the change the training made to the model's view of them
-(score = statistic after training − statistic at initialisation, higher = more likely a member):
+(score = statistic after training − statistic at initialisation, higher = more likely a member). The canary
+kind is picked by the stage's module (``canaries_for``; the kinds live in ``audit_canaries`` and
+``audit_prompts``, the stages hold no audit code):
 
-- DP-SFT (``TextDataModule``): sequences of uniformly random tokens; statistic = −(mean NLL), so the score
-  is the loss drop.
-- Reward model (``PreferenceDataModule``): a random prompt with two random responses, the first planted as
-  chosen; statistic = r(chosen) − r(rejected), so the score is the margin gained toward the planted side.
+- DP-SFT (``sequence_losses``, ``TextDataModule``): sequences of uniformly random tokens; statistic =
+  −(mean NLL), so the score is the loss drop.
+- Reward model (``pair_rewards``, ``PreferenceDataModule``): a random prompt with two random responses, the
+  first planted as chosen; statistic = r(chosen) − r(rejected), so the score is the margin gained.
+- DP-DPO (``pair_logprobs``, ``PreferenceDataModule``): the same random pairs; statistic = the implicit reward
+  margin β[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))].
+- RL stage ``ppo`` (``policy``, ``PromptDataModule``; estimators gae, rloo, grpo): a random prompt with a
+  secret half T of the tokens whose text re-encodes to themselves; the audit wraps the stage's reward so that a
+  canary prompt's response earns +1 if its first token is in T, −1 if it is in the rest of that set, 0
+  otherwise (other prompts keep the stage's reward); statistic = log π(T | canary) − mean log π(T | control
+  prompts never trained on), at the sampling temperature (``audit_prompts``).
 
-PPO is not audited: its private data are prompts whose only training signal passes through sampled
-responses and a reward model, so a canary would need a planted reward and many on-policy samples.
 A canary must be sampled often to leave a trace: audit with more steps or epochs (extra LightningCLI
-arguments after ``--``), and at a δ much smaller than 1/(2m) (``--delta``), or the bound is vacuous.
+arguments after ``--``, e.g. ``--trainer.max_steps=30 --data.init_args.batch_size=64`` for the RL stage, so
+that each canary prompt is drawn about 30·64/N times; ``--model.init_args.max_new_tokens=1`` there, as only
+the first response token carries the canary's reward), and at a δ much smaller than 1/(2m) (``--delta``), or
+the bound is vacuous. Measured on the tiny configs (random 2-layer GPT-2, m = 128, CPU): neither the RL nor
+the DPO canaries reached ε_emp > 0 even without DP (no power), so a DP run's ε_emp = 0 there says nothing
+beyond the validity of the bound; the SFT canaries are the ones with power on tiny models.
 """
 
 from __future__ import annotations

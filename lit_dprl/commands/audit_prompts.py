@@ -6,7 +6,11 @@ sampled for it and their rewards. A canary therefore plants a secret in the rewa
 U (the plain tokens ``t`` with ``encode(decode(t)) = [t]``, so that a response's first token can be read back
 from its text). The audit wraps the stage's reward (``PlantedReward``, installed from outside the stage):
 
-    reward(x_i, y) = +1 if the first token of y is in T_i, −1 otherwise;   other prompts: the stage's reward.
+    reward(x_i, y) = +1 if the first token of y is in T_i, −1 if it is in U ∖ T_i, 0 outside U;
+    other prompts: the stage's reward.
+
+Averaged over the random T_i every token's canary reward is 0, so the canaries reward no global shift (such
+as "emit tokens of U"), only the prompt-specific T_i.
 
 Only a run that samples ``x_i`` can learn ``T_i``. Statistic: ``log π(T_i | x_i)``, the log-probability that
 the first response token falls in ``T_i`` under the policy's sampling distribution (temperature and blocked
@@ -34,6 +38,7 @@ CANARY_PROMPT_TOKENS = 4
 CONTROL_PROMPTS = 32
 HIT_REWARD = 1.0
 MISS_REWARD = -1.0
+OUTSIDE_REWARD = 0.0
 
 
 def target_universe(tokenizer) -> np.ndarray:
@@ -55,18 +60,30 @@ def first_token(tokenizer, response: str) -> int | None:
 
 class PlantedReward:
     """The stage's reward, except on canary prompts: ``HIT_REWARD`` if the response's first token is in the
-    prompt's secret target set, ``MISS_REWARD`` otherwise. Each score depends on its own (prompt, response)
-    only, as ``lit_dprl.rewards.RewardFunction`` requires; the stage's reward sees the other rows, in order."""
+    prompt's secret target set, ``MISS_REWARD`` if it is in the rest of ``universe``, ``OUTSIDE_REWARD``
+    otherwise. Each score depends on its own (prompt, response) only, as ``lit_dprl.rewards.RewardFunction``
+    requires; the stage's reward sees the other rows, in order."""
 
-    def __init__(self, reward: RewardFunction, tokenizer, targets: Mapping[str, frozenset[int]]) -> None:
-        self.reward, self.tokenizer, self.targets = reward, tokenizer, dict(targets)
+    def __init__(
+        self,
+        reward: RewardFunction,
+        tokenizer,
+        targets: Mapping[str, frozenset[int]],
+        universe: frozenset[int],
+    ) -> None:
+        self.reward, self.tokenizer, self.targets, self.universe = reward, tokenizer, dict(targets), universe
+
+    def canary_reward(self, prompt: str, response: str) -> float:
+        """The planted reward of ``response`` to canary ``prompt`` (module docstring)."""
+        token = first_token(self.tokenizer, response)
+        if token in self.targets[prompt]:
+            return HIT_REWARD
+        return MISS_REWARD if token in self.universe else OUTSIDE_REWARD
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         ordinary = [i for i, prompt in enumerate(prompts) if prompt not in self.targets]
         scores = [
-            HIT_REWARD
-            if first_token(self.tokenizer, response) in self.targets.get(prompt, ())
-            else MISS_REWARD
+            self.canary_reward(prompt, response) if prompt in self.targets else OUTSIDE_REWARD
             for prompt, response in zip(prompts, responses, strict=True)
         ]
         if ordinary:
@@ -175,7 +192,8 @@ class PromptCanaries:
         extra = Dataset.from_dict({"input_ids": [row["input_ids"] for row in rows]}).cast(train.features)
         self.datamodule.train_set = concatenate_datasets([train, extra]).with_format("python")
         targets = {self.key(row["input_ids"]): frozenset(row["targets"]) for row in rows}
-        self.module.reward = PlantedReward(self.module.reward, self.tokenizer, targets)
+        universe = frozenset(int(t) for t in self.universe)
+        self.module.reward = PlantedReward(self.module.reward, self.tokenizer, targets, universe)
 
     def statistic(self, rows: list[dict[str, list[int]]]) -> np.ndarray:
         """``contrast_statistic`` of every canary against the control prompts."""
