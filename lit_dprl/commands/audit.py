@@ -27,7 +27,7 @@ that each canary prompt is drawn about 30·64/N times; ``--model.init_args.max_n
 the first response token carries the canary's reward), and at a δ much smaller than 1/(2m) (``--delta``), or
 the bound is vacuous. Measured on the tiny configs (random 2-layer GPT-2, m = 128, CPU): neither the RL nor
 the DPO canaries reached ε_emp > 0 even without DP (no power), so a DP run's ε_emp = 0 there says nothing
-beyond the validity of the bound; the SFT canaries are the ones with power on tiny models.
+beyond the validity of the bound.
 """
 
 from __future__ import annotations
