@@ -5,17 +5,29 @@ sampler and accountant), m canaries are made, each is added to the stage's priva
 independently with probability ½ (the coins stay secret until scoring), the stage trains, every canary is
 scored, and ``lit_dprl.privacy.audit.one_run_audit`` turns the scores into ε_emp (Steinke, Nasr &
 Jagielski 2023). Black-box canaries, scored by the change the training made to the model's view of them
-(score = statistic after training − statistic at initialisation, higher = more likely a member):
+(score = statistic after training − statistic at initialisation, higher = more likely a member). The canary
+kind is picked by the stage's module (``canaries_for``; the kinds live in ``audit_canaries`` and
+``audit_prompts``, the stages hold no audit code):
 
-- DP-SFT (``TextDataModule``): sequences of uniformly random tokens; statistic = −(mean NLL), so the score
-  is the loss drop.
-- Reward model (``PreferenceDataModule``): a random prompt with two random responses, the first planted as
-  chosen; statistic = r(chosen) − r(rejected), so the score is the margin gained toward the planted side.
+- DP-SFT (``sequence_losses``, ``TextDataModule``): sequences of uniformly random tokens; statistic =
+  −(mean NLL), so the score is the loss drop.
+- Reward model (``pair_rewards``, ``PreferenceDataModule``): a random prompt with two random responses, the
+  first planted as chosen; statistic = r(chosen) − r(rejected), so the score is the margin gained.
+- DP-DPO (``pair_logprobs``, ``PreferenceDataModule``): the same random pairs; statistic = the implicit reward
+  margin β[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))].
+- RL stage ``ppo`` (``policy``, ``PromptDataModule``; estimators gae, rloo, grpo): a random prompt with a
+  secret half T of the tokens whose text re-encodes to themselves; the audit wraps the stage's reward so that a
+  canary prompt's response earns +1 if its first token is in T, −1 if it is in the rest of that set, 0
+  otherwise (other prompts keep the stage's reward); statistic = log π(T | canary) − mean log π(T | control
+  prompts never trained on), at the sampling temperature (``audit_prompts``).
 
-PPO is not audited: its private data are prompts whose only training signal passes through sampled
-responses and a reward model, so a canary would need a planted reward and many on-policy samples.
 A canary must be sampled often to leave a trace: audit with more steps or epochs (extra LightningCLI
-arguments after ``--``), and at a δ much smaller than 1/(2m) (``--delta``), or the bound is vacuous.
+arguments after ``--``, e.g. ``--trainer.max_steps=30 --data.init_args.batch_size=64`` for the RL stage, so
+that each canary prompt is drawn about 30·64/N times; ``--model.init_args.max_new_tokens=1`` there, as only
+the first response token carries the canary's reward), and at a δ much smaller than 1/(2m) (``--delta``), or
+the bound is vacuous. Measured on the tiny configs (random 2-layer GPT-2, m = 128, CPU): neither the RL nor
+the DPO canaries reached ε_emp > 0 even without DP (no power), so a DP run's ε_emp = 0 there says nothing
+beyond the validity of the bound.
 """
 
 from __future__ import annotations
@@ -26,18 +38,18 @@ import math
 import secrets
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
-from datasets import Dataset, concatenate_datasets
 from lightning.pytorch.loggers import CSVLogger
 
+from lit_dprl.commands.audit_canaries import Canaries, DPOCanaries, PreferenceCanaries, TextCanaries
+from lit_dprl.commands.audit_prompts import PromptCanaries
 from lit_dprl.commands.fit import main as lightning_cli
-from lit_dprl.data.preferences import PreferenceDataModule, PreferenceDataset, collate_preference_batch
+from lit_dprl.data.preferences import PreferenceDataModule
+from lit_dprl.data.prompts import PromptDataModule
 from lit_dprl.data.text import TextDataModule
 from lit_dprl.privacy import DPCallback
 from lit_dprl.privacy.accounting import epsilon_after
@@ -45,130 +57,32 @@ from lit_dprl.privacy.audit import AuditResult, one_run_audit
 
 AUDIT_NAME = "audit.json"
 PLOT_NAME = "audit_scores.png"
-SCORING_BATCH = 64
-PROMPT_TOKENS = 16
-RESPONSE_TOKENS = 32
 LARGE_DELTA_TERM = 0.01  # 2mδ above this weakens the bound noticeably
 
 
-def random_tokens(rng: np.random.Generator, vocabulary: np.ndarray, length: int) -> list[int]:
-    """``length`` token ids drawn uniformly (with replacement) from ``vocabulary``."""
-    return [int(t) for t in rng.choice(vocabulary, size=length)]
+# (module method that picks the kind, data module it needs, canary kind), tried in order
+CANARY_KINDS: tuple[tuple[str, type, type], ...] = (
+    ("pair_logprobs", PreferenceDataModule, DPOCanaries),
+    ("pair_rewards", PreferenceDataModule, PreferenceCanaries),
+    ("sequence_losses", TextDataModule, TextCanaries),
+    ("policy", PromptDataModule, PromptCanaries),
+)
 
 
-def plain_vocabulary(tokenizer) -> np.ndarray:
-    """Every token id of ``tokenizer`` except its special tokens (EOS, PAD, ...)."""
-    special = set(tokenizer.all_special_ids)
-    return np.array([i for i in range(len(tokenizer)) if i not in special])
-
-
-@torch.no_grad()
-def batched(module: pl.LightningModule, rows: list, statistic: Callable[[list], torch.Tensor]) -> np.ndarray:
-    """``statistic`` of ``rows`` in chunks of ``SCORING_BATCH``, as float64, with the module in eval mode."""
-    training = module.training
-    module.eval()
-    try:
-        values = [statistic(rows[i : i + SCORING_BATCH]) for i in range(0, len(rows), SCORING_BATCH)]
-    finally:
-        module.train(training)
-    return torch.cat(values).double().cpu().numpy()
-
-
-class TextCanaries:
-    """DP-SFT canaries: random-token rows of the data's ``max_length``, every token after the first a target.
-
-    Statistic: minus the row's mean NLL (``SFTModule.sequence_losses``)."""
-
-    score_name = "loss drop: mean NLL at initialisation − after training"
-
-    def __init__(self, datamodule: TextDataModule, module: pl.LightningModule) -> None:
-        if not hasattr(module, "sequence_losses"):
-            raise TypeError(
-                f"a TextDataModule audit needs an SFT-style module with sequence_losses(), got {type(module).__name__}"
-            )
-        self.datamodule, self.module = datamodule, module
-
-    def make(self, rng: np.random.Generator, count: int) -> list[dict[str, list[int]]]:
-        length = self.datamodule.hparams.max_length
-        vocabulary = plain_vocabulary(self.datamodule.tokenizer)
-        return [
-            {"input_ids": random_tokens(rng, vocabulary, length), "loss_mask": [0] + [1] * (length - 1)}
-            for _ in range(count)
-        ]
-
-    def insert(self, rows: list[dict[str, list[int]]]) -> None:
-        extra = Dataset.from_dict({key: [row[key] for row in rows] for key in ("input_ids", "loss_mask")})
-        train = self.datamodule.train_set
-        self.datamodule.train_set = concatenate_datasets([train, extra.cast(train.features)])
-
-    def statistic(self, rows: list[dict[str, list[int]]]) -> np.ndarray:
-        collate = self.datamodule.collate()
-
-        def negative_loss(chunk: list) -> torch.Tensor:
-            batch = {k: v.to(self.module.device) for k, v in collate(chunk).items()}
-            return -self.module.sequence_losses(batch)
-
-        return batched(self.module, rows, negative_loss)
-
-
-class PreferenceCanaries:
-    """Reward-model canaries: a random prompt and two random responses, the first planted as chosen.
-
-    Statistic: the margin r(prompt + chosen) − r(prompt + rejected) (``RewardModule.pair_rewards``)."""
-
-    score_name = "margin gain: r(chosen) − r(rejected) after training − at initialisation"
-
-    def __init__(self, datamodule: PreferenceDataModule, module: pl.LightningModule) -> None:
-        if not hasattr(module, "pair_rewards"):
-            raise TypeError(
-                f"a PreferenceDataModule audit needs a reward module with pair_rewards(), got {type(module).__name__}"
-            )
-        if datamodule.max_length < PROMPT_TOKENS + RESPONSE_TOKENS:
-            raise ValueError(
-                f"reward canaries need max_length >= {PROMPT_TOKENS + RESPONSE_TOKENS}, got {datamodule.max_length}"
-            )
-        self.datamodule, self.module = datamodule, module
-
-    def make(self, rng: np.random.Generator, count: int) -> list[dict[str, list[int]]]:
-        vocabulary = plain_vocabulary(self.datamodule.tokenizer)
-        rows = []
-        for _ in range(count):
-            prompt = random_tokens(rng, vocabulary, PROMPT_TOKENS)
-            chosen, rejected = (random_tokens(rng, vocabulary, RESPONSE_TOKENS) for _ in range(2))
-            rows.append({"chosen_input_ids": prompt + chosen, "rejected_input_ids": prompt + rejected})
-        return rows
-
-    def insert(self, rows: list[dict[str, list[int]]]) -> None:
-        train = self.datamodule.train_dataset
-        user_ids = None
-        if train.user_ids is not None:
-            user_ids = [*train.user_ids, *(f"audit-canary-{i}" for i in range(len(rows)))]
-        self.datamodule.train_dataset = PreferenceDataset(
-            [*train.chosen_ids, *(row["chosen_input_ids"] for row in rows)],
-            [*train.rejected_ids, *(row["rejected_input_ids"] for row in rows)],
-            user_ids,
-        )
-
-    def statistic(self, rows: list[dict[str, list[int]]]) -> np.ndarray:
-        pad = self.datamodule.tokenizer.pad_token_id
-
-        def margin(chunk: list) -> torch.Tensor:
-            batch = {k: v.to(self.module.device) for k, v in collate_preference_batch(chunk, pad).items()}
-            chosen, rejected = self.module.pair_rewards(batch)
-            return chosen - rejected
-
-        return batched(self.module, rows, margin)
-
-
-def canaries_for(datamodule: Any, module: pl.LightningModule) -> TextCanaries | PreferenceCanaries:
-    """The canary kind of a stage, chosen by its data module."""
-    if isinstance(datamodule, TextDataModule):
-        return TextCanaries(datamodule, module)
-    if isinstance(datamodule, PreferenceDataModule):
-        return PreferenceCanaries(datamodule, module)
+def canaries_for(datamodule: Any, module: pl.LightningModule) -> Canaries:
+    """The canary kind of a stage, chosen by its module: ``pair_logprobs`` (DPO), ``pair_rewards`` (reward
+    model), ``sequence_losses`` (SFT) or ``policy`` (RL); the data module must be the one that kind inserts into."""
+    for method, data_kind, canary_kind in CANARY_KINDS:
+        if hasattr(module, method):
+            if not isinstance(datamodule, data_kind):
+                raise ValueError(
+                    f"{type(module).__name__} is audited with {canary_kind.__name__}, which insert into a "
+                    f"{data_kind.__name__}, but the stage's data module is {type(datamodule).__name__}"
+                )
+            return canary_kind(datamodule, module)
     raise ValueError(
-        f"the audit supports the SFT stage (TextDataModule) and the reward stage (PreferenceDataModule), not "
-        f"{type(datamodule).__name__}; PPO is not audited (see lit_dprl.commands.audit)"
+        f"the audit supports the sft, reward, dpo and ppo stages (modules with one of "
+        f"{', '.join(method + '()' for method, _, _ in CANARY_KINDS)}), not {type(module).__name__}"
     )
 
 
