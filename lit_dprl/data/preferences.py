@@ -21,6 +21,7 @@ from lit_dprl.data.files import file_dataset_name
 from lit_dprl.data.imdb import PUBLIC_FRACTION, imdb_provenance
 from lit_dprl.data.labelled_pairs import imdb_preference_pairs
 from lit_dprl.data.padding import left_pad
+from lit_dprl.data.plumbing import after_setup, batch_loader
 from lit_dprl.data.preference_files import PreferenceDataError, read_preference_file
 from lit_dprl.data.splits import (
     HOLDOUT_PURPOSE,
@@ -191,9 +192,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def split_provenance(self) -> dict:
         """Where the training pairs come from (``lit_dprl.data.splits.split_provenance``); after ``setup``."""
-        if self._provenance is None:
-            raise RuntimeError("PreferenceDataModule.split_provenance() is known only after setup()")
-        return self._provenance
+        return after_setup(self._provenance, "PreferenceDataModule.split_provenance()")
 
     def _file_rows(self) -> tuple[list[dict], list[dict]]:
         """``(train, validation)`` pairs of the local files; sets the provenance."""
@@ -255,19 +254,11 @@ class PreferenceDataModule(L.LightningDataModule):
         return functools.partial(collate_preference_batch, pad_token_id=self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
+        return batch_loader(
+            self.train_dataset, self._collate(), self.batch_size, self.num_workers, shuffle=True
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.val_batch_size,
-            shuffle=False,
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
+        return batch_loader(
+            self.val_dataset, self._collate(), self.val_batch_size, self.num_workers, shuffle=False
         )
