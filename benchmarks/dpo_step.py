@@ -36,7 +36,7 @@ BETA = 0.1
 
 def pair_rows(batch: int) -> list[dict]:
     """The first ``batch`` pairs of the fixture as ``{prompt, chosen, rejected, user_id}``."""
-    from lit_dprl.data.preferences import read_preference_file
+    from lit_dprl.data.preference_files import read_preference_file
 
     return read_preference_file(PAIRS)[:batch]
 

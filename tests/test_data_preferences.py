@@ -7,13 +7,12 @@ from torch.utils.data import DataLoader
 
 from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
 from lit_dprl.data.labelled_pairs import imdb_preference_pairs, pairs_from_labelled_texts
-from lit_dprl.data.preferences import (
+from lit_dprl.data.preference_files import (
     PreferenceDataError,
-    PreferenceDataModule,
     read_preference_file,
     summarize_from_feedback_to_pair,
-    truncate_prompt_response,
 )
+from lit_dprl.data.preferences import PreferenceDataModule, truncate_prompt_response
 from lit_dprl.data.splits import UNIT_COLUMN, split_key
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,17 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lit_dprl.commands.pipeline import (
-    DATA_SPLIT_FILE,
-    Evaluation,
-    Stage,
-    combined_privacy_report,
-    held_out_prompts,
-    main,
-    print_summary,
-    run_pipeline,
-    stage_report,
-)
+from lit_dprl.commands.pipeline import main, print_summary, run_pipeline
+from lit_dprl.commands.pipeline_evaluation import Evaluation, held_out_prompts
+from lit_dprl.commands.pipeline_privacy import combined_privacy_report, stage_report
+from lit_dprl.commands.pipeline_stages import DATA_SPLIT_FILE, Stage
 from lit_dprl.data.imdb import imdb_provenance, load_imdb_reviews, split_imdb
 from lit_dprl.data.prompts import PromptDataModule
 from lit_dprl.privacy.accounting import epsilon_after

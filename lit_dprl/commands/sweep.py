@@ -24,7 +24,8 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lit_dprl.commands.pipeline import parser as pipeline_parser
-from lit_dprl.commands.pipeline import run_pipeline, stage_dir
+from lit_dprl.commands.pipeline import run_pipeline
+from lit_dprl.commands.pipeline_stages import stage_dir
 from lit_dprl.evaluation import format_epsilon, save_json
 
 

@@ -31,6 +31,7 @@ from lit_dprl.data.imdb import (
     split_imdb,
 )
 from lit_dprl.data.padding import left_pad
+from lit_dprl.data.plumbing import after_setup, batch_loader, check_sizes
 from lit_dprl.data.splits import holdout, split_key
 from lit_dprl.models import load_tokenizer
 
@@ -131,16 +132,9 @@ class LabelledTextDataModule(L.LightningDataModule):
             raise ValueError(f"public_data declares a local file public; {source!r} is bundled public data")
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        for name, limit in (
-            ("max_train_examples", max_train_examples),
-            ("max_val_examples", max_val_examples),
-        ):
-            if limit is not None and limit < 1:
-                raise ValueError(f"{name} must be >= 1 or None (all rows), got {limit}")
+        check_sizes(
+            batch_size, val_fraction, max_train_examples=max_train_examples, max_val_examples=max_val_examples
+        )
         if imdb_eval_examples < 0:
             raise ValueError(
                 f"imdb_eval_examples must be >= 0 (0: no IMDb evaluation), got {imdb_eval_examples}"
@@ -155,9 +149,7 @@ class LabelledTextDataModule(L.LightningDataModule):
 
     def split_provenance(self) -> dict:
         """Where the training texts come from (``lit_dprl.data.splits.split_provenance``); after ``setup``."""
-        if self._provenance is None:
-            raise RuntimeError("LabelledTextDataModule.split_provenance() is known only after setup()")
-        return self._provenance
+        return after_setup(self._provenance, "LabelledTextDataModule.split_provenance()")
 
     def raw_splits(self) -> tuple[Dataset, Dataset]:
         """Untokenized ``(train, validation)`` rows with columns ``text_field`` and ``label_field``."""
@@ -223,9 +215,8 @@ class LabelledTextDataModule(L.LightningDataModule):
     @property
     def max_label(self) -> int:
         """The largest class index in the training and validation sets (known after ``setup``)."""
-        if self.train_set is None:
-            raise RuntimeError("max_label is known only after setup(); call setup('fit') first")
-        return max(max(self.train_set["label"]), max(self.val_set["label"]))
+        train = after_setup(self.train_set, "max_label")
+        return max(max(train["label"]), max(self.val_set["label"]))
 
     def collate(self) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         """``collate_labelled`` bound to this tokenizer's pad id (picklable for workers)."""
@@ -233,24 +224,16 @@ class LabelledTextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of ``batch_size`` texts."""
-        return DataLoader(
-            self.train_set,
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            collate_fn=self.collate(),
-            num_workers=self.hparams.num_workers,
+        return batch_loader(
+            self.train_set, self.collate(), self.hparams.batch_size, self.hparams.num_workers, shuffle=True
         )
 
     def val_dataloader(self) -> list[DataLoader]:
         """The held-out split of the source, then (with ``imdb_eval_examples``) the IMDb test reviews."""
         sets = [self.val_set] if self.imdb_eval_set is None else [self.val_set, self.imdb_eval_set]
         return [
-            DataLoader(
-                dataset,
-                batch_size=self.hparams.batch_size,
-                shuffle=False,
-                collate_fn=self.collate(),
-                num_workers=self.hparams.num_workers,
+            batch_loader(
+                dataset, self.collate(), self.hparams.batch_size, self.hparams.num_workers, shuffle=False
             )
             for dataset in sets
         ]

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_dprl.data.files import file_dataset_name, load_local_dataset, require_columns, text_column
 from lit_dprl.data.imdb import PUBLIC_FRACTION, imdb_provenance, load_imdb_reviews, split_imdb
 from lit_dprl.data.padding import left_pad
+from lit_dprl.data.plumbing import after_setup, batch_loader
 from lit_dprl.data.splits import UNIT_COLUMN, holdout, keyed_choice, split_key
 from lit_dprl.models import load_tokenizer
 
@@ -117,15 +118,11 @@ class PromptDataModule(L.LightningDataModule):
     @property
     def dataset_size(self) -> int:
         """Number of training prompts (privacy units), known after ``setup``."""
-        if self.train_set is None:
-            raise RuntimeError("PromptDataModule.dataset_size is known only after setup()")
-        return len(self.train_set)
+        return len(after_setup(self.train_set, "PromptDataModule.dataset_size"))
 
     def split_provenance(self) -> dict:
         """Where the training prompts come from (``lit_dprl.data.splits.split_provenance``); after ``setup``."""
-        if self._provenance is None:
-            raise RuntimeError("PromptDataModule.split_provenance() is known only after setup()")
-        return self._provenance
+        return after_setup(self._provenance, "PromptDataModule.split_provenance()")
 
     def raw_prompts(self) -> tuple[list[str], list[str]]:
         """Untokenized ``(train, validation)`` prompts."""
@@ -180,20 +177,12 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled rollout batches; the DP callback rebuilds it with Poisson sampling."""
-        return DataLoader(
-            self.train_set,
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            collate_fn=self._collate(),
-            num_workers=self.hparams.num_workers,
+        return batch_loader(
+            self.train_set, self._collate(), self.hparams.batch_size, self.hparams.num_workers, shuffle=True
         )
 
     def val_dataloader(self) -> DataLoader:
         """Held-out prompts, in order."""
-        return DataLoader(
-            self.val_set,
-            batch_size=self.hparams.batch_size,
-            shuffle=False,
-            collate_fn=self._collate(),
-            num_workers=self.hparams.num_workers,
+        return batch_loader(
+            self.val_set, self._collate(), self.hparams.batch_size, self.hparams.num_workers, shuffle=False
         )

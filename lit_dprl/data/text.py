@@ -26,6 +26,7 @@ from lit_dprl.data.imdb import (
     split_imdb,
 )
 from lit_dprl.data.padding import left_pad
+from lit_dprl.data.plumbing import after_setup, batch_loader, check_sizes
 from lit_dprl.data.splits import holdout, split_key
 from lit_dprl.data.tldr import COMPLETION_COLUMN, PROMPT_COLUMN, tldr_sft_dataset
 from lit_dprl.models import load_tokenizer
@@ -162,16 +163,9 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (a context token and a target), got {max_length}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for name, limit in (
-            ("max_train_examples", max_train_examples),
-            ("max_val_examples", max_val_examples),
-        ):
-            if limit is not None and limit < 1:
-                raise ValueError(f"{name} must be >= 1 or None (all rows), got {limit}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_sizes(
+            batch_size, val_fraction, max_train_examples=max_train_examples, max_val_examples=max_val_examples
+        )
         if format == "tldr" and (source == IMDB or is_public_source(source)):
             raise ValueError(
                 f"format='tldr' reads a local TL;DR file; pass its path as source (not {source!r})"
@@ -190,17 +184,11 @@ class TextDataModule(L.LightningDataModule):
     @property
     def dataset_size(self) -> int:
         """Number of training rows (privacy units), known after ``setup``."""
-        if self.train_set is None:
-            raise RuntimeError(
-                "TextDataModule.dataset_size is known only after setup(); call setup('fit') first"
-            )
-        return len(self.train_set)
+        return len(after_setup(self.train_set, "TextDataModule.dataset_size"))
 
     def split_provenance(self) -> dict:
         """Where the training rows come from (``lit_dprl.data.splits.split_provenance``); after ``setup``."""
-        if self._provenance is None:
-            raise RuntimeError("TextDataModule.split_provenance() is known only after setup()")
-        return self._provenance
+        return after_setup(self._provenance, "TextDataModule.split_provenance()")
 
     def raw_splits(self) -> tuple[Dataset, Dataset]:
         """Untokenized ``(train, validation)`` rows before the example limits."""
@@ -264,20 +252,12 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled fixed-size batches; the DP callback rebuilds it with Poisson sampling."""
-        return DataLoader(
-            self.train_set,
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            collate_fn=self.collate(),
-            num_workers=self.hparams.num_workers,
+        return batch_loader(
+            self.train_set, self.collate(), self.hparams.batch_size, self.hparams.num_workers, shuffle=True
         )
 
     def val_dataloader(self) -> DataLoader:
         """Validation rows in a fixed order."""
-        return DataLoader(
-            self.val_set,
-            batch_size=self.hparams.batch_size,
-            shuffle=False,
-            collate_fn=self.collate(),
-            num_workers=self.hparams.num_workers,
+        return batch_loader(
+            self.val_set, self.collate(), self.hparams.batch_size, self.hparams.num_workers, shuffle=False
         )

@@ -4,7 +4,7 @@ Two row layouts are read (one row = one post with its reference summary = one pr
 
 - OpenAI's ``summarize_from_feedback`` SFT files (``tldr_3_filtered/{train,valid,test}.jsonl``):
   fields ``subreddit``, ``title``, ``post``, ``summary`` (and ``id``). The prompt is the same query the
-  reward model's comparisons get (``lit_dprl.data.preferences.summarize_from_feedback_prompt``, the
+  reward model's comparisons get (``lit_dprl.data.preference_files.summarize_from_feedback_prompt``, the
   N+ recipe): ``"SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:"``.
 - CarperAI's ``openai_summarize_tldr`` layout: fields ``prompt`` (already formatted, ending in
   ``"TL;DR:"``) and ``label`` (the summary). The prompt is kept as it is.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from lit_dprl.data.preferences import summarize_from_feedback_prompt
+from lit_dprl.data.preference_files import summarize_from_feedback_prompt
 from lit_dprl.data.splits import USER_COLUMN
 
 OPENAI_SFT_FIELDS = ("subreddit", "title", "post", "summary")

@@ -27,68 +27,32 @@ are available for non-private runs and listed by ``privacy_hazards`` so that a D
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
 import secrets
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
-from torchmetrics import MeanMetric
 
-from lit_dprl.data.imdb import load_public_sources
-from lit_dprl.models import (
-    add_lora,
-    check_context,
-    check_data_matches_model,
-    load_causal_lm,
-    load_tokenizer,
-    merged_copy,
-)
+from lit_dprl.models import load_causal_lm, load_tokenizer
 from lit_dprl.privacy.report import export_after_fit
-from lit_dprl.rewards import (
-    RewardFunction,
-    SequenceClassifierReward,
-    load_reward_callable,
-    read_input_report,
-    reward_source_hazards,
-    score_responses,
-)
-from lit_dprl.rl import (
-    AdaptiveKLController,
-    FixedKLController,
-    apply_missing_eos_penalty,
-    kl_estimate,
-    masked_whiten,
-)
+from lit_dprl.rewards import read_input_report
+from lit_dprl.rl import AdaptiveKLController, FixedKLController
 from lit_dprl.rollout import (
-    Completions,
-    Packed,
     Rollout,
     assign_minibatches,
-    completion_logprobs,
-    completion_seeds,
     disable_dropout,
-    group_advantages,
     group_loss,
-    prompt_keys,
     rollout_metrics,
-    sample_completions,
     update_metrics,
 )
-from lit_dprl.steering import (
-    add_steering,
-    class_mean_directions,
-    merged_steering_copy,
-    steering_disabled,
-    steering_modules,
-)
+from lit_dprl.stages.ppo.policy import build_reward, merged_policy, policy_and_reference
+from lit_dprl.stages.ppo.rollouts import PolicyRollouts
+from lit_dprl.stages.ppo.settings import check_settings, privacy_hazards, privacy_metadata
+from lit_dprl.steering import steering_modules
 
 
-class PPOModule(L.LightningModule):
+class PPOModule(PolicyRollouts):
     """PPO / RLOO / GRPO for a causal LM with a frozen reference and a pluggable reward.
 
     Args:
@@ -203,58 +167,13 @@ class PPOModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        sources = [s for s in (reward_function, reward_classifier, reward_model) if s is not None]
-        if len(sources) != 1:
-            raise ValueError(
-                "give exactly one reward source: reward_function ('package.module:function'), "
-                "reward_classifier (a local sequence-classifier directory) or reward_model (a stage-2 export)"
-            )
-        if advantage_estimator not in ("gae", "rloo", "grpo"):
-            raise ValueError(
-                f"advantage_estimator must be 'gae', 'rloo' or 'grpo', got {advantage_estimator!r}"
-            )
-        if advantage_estimator == "gae" and samples_per_prompt != 1:
-            raise ValueError(
-                f"advantage_estimator='gae' samples one completion per prompt, got samples_per_prompt="
-                f"{samples_per_prompt}; use advantage_estimator='rloo' or 'grpo' for several"
-            )
-        if advantage_estimator != "gae" and samples_per_prompt < 2:
-            raise ValueError(
-                f"advantage_estimator={advantage_estimator!r} needs samples_per_prompt >= 2 (the group baseline), "
-                f"got {samples_per_prompt}"
-            )
-        if minibatch_assignment not in ("independent", "permutation"):
-            raise ValueError(
-                f"minibatch_assignment must be 'independent' or 'permutation', got {minibatch_assignment!r}"
-            )
-        if ppo_epochs < 1 or num_mini_batches < 1:
-            raise ValueError("ppo_epochs and num_mini_batches must be >= 1")
-        if not 1 <= min_new_tokens <= max_new_tokens:
-            raise ValueError(
-                f"need 1 <= min_new_tokens <= max_new_tokens, got {min_new_tokens}, {max_new_tokens}"
-            )
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if steering_max_coefficient is not None and (steering_max_coefficient <= 0 or not steering_layers):
-            raise ValueError(
-                f"steering_max_coefficient bounds the steering coefficients: it needs steering_layers and a "
-                f"positive value, got {steering_max_coefficient} with steering_layers={steering_layers}"
-            )
         self.save_hyperparameters()
+        check_settings(self.hparams)
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model)
         body = load_causal_lm(model, self.tokenizer, seed=seed)
         disable_dropout(body)
-        self.reference = None
-        if steering_layers:
-            self.policy = self._steered(body, steering_layers, steering_source, steering_examples)
-        elif use_lora:
-            self.policy = add_lora(
-                body, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules
-            )
-        else:
-            self.policy = body
-            self.reference = copy.deepcopy(body).requires_grad_(False).eval()
+        self.policy, self.reference = policy_and_reference(body, self.tokenizer, self.hparams)
         self.value_head = None
         if advantage_estimator == "gae":
             self.value_head = torch.nn.Linear(body.config.hidden_size, 1)
@@ -265,7 +184,7 @@ class PPOModule(L.LightningModule):
             if adaptive_kl
             else FixedKLController(kl_coef)
         )
-        self.reward = self._build_reward()
+        self.reward = build_reward(self.hparams)
         self.input_reports = {
             name: read_input_report(source)
             for name, source in (("model", model), ("reward_model", reward_model), ("reward_classifier", reward_classifier))
@@ -274,9 +193,6 @@ class PPOModule(L.LightningModule):
         self.rollout_seed = rollout_seed if rollout_seed is not None else secrets.randbits(62)
         self.rollout_batches = 0
         self.episodes = 0
-        self.eval_reward = MeanMetric()
-        self.eval_kl = MeanMetric()
-        self._samples: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- what the DP callback reads
     @property
@@ -290,164 +206,12 @@ class PPOModule(L.LightningModule):
         return self.hparams.num_mini_batches
 
     def privacy_hazards(self) -> list[str]:
-        """Settings under which one prompt's loss depends on other prompts, or on private data beyond D3."""
-        hp = self.hparams
-        hazards = []
-        if hp.whiten_advantages:
-            hazards.append("whiten_advantages=True normalises advantages with the batch's mean and std")
-        if hp.adaptive_kl:
-            hazards.append("adaptive_kl=True sets β from the batch's mean KL")
-        if hp.minibatch_assignment == "permutation":
-            hazards.append(
-                "minibatch_assignment='permutation' lets one prompt move the others between minibatches"
-            )
-        if hp.use_lora and hp.lora_dropout > 0:
-            hazards.append(
-                f"lora_dropout={hp.lora_dropout} draws dropout masks from the shared torch RNG, so one prompt "
-                "changes the masks of the others; set lora_dropout=0"
-            )
-        hazards += reward_source_hazards(
-            self.input_reports,
-            {"reward_model": hp.reward_model_is_public, "reward_classifier": hp.reward_classifier_is_public},
-        )
-        return hazards
+        """Settings under which one prompt's loss depends on other prompts (``settings.privacy_hazards``)."""
+        return privacy_hazards(self.hparams, self.input_reports)
 
     def privacy_metadata(self) -> dict[str, Any]:
-        """What ``privacy.json`` records of this stage: its reuse of each batch, the estimator, the rollout
-        randomness, and the privacy reports of the models it starts from and is rewarded by (None: no report)."""
-        hp = self.hparams
-        return {
-            "ppo_epochs": hp.ppo_epochs,
-            "num_mini_batches": hp.num_mini_batches,
-            "minibatch_assignment": hp.minibatch_assignment,
-            "advantage_estimator": hp.advantage_estimator,
-            "samples_per_prompt": hp.samples_per_prompt,
-            "kl_in_loss": hp.kl_in_loss,
-            "adapter": (
-                f"steering along public class-mean directions of {hp.steering_source!r} at layers "
-                f"{hp.steering_layers} (the directions are public; only their coefficients are trained"
-                f"{f', each within ±{hp.steering_max_coefficient:g}' if hp.steering_max_coefficient else ''})"
-                if hp.steering_layers
-                else ("LoRA" if hp.use_lora else "full fine-tuning")
-            ),
-            "privacy_unit": f"one prompt, with its {hp.samples_per_prompt} completion(s), rewards and baseline",
-            "secret_rollout_randomness": hp.rollout_seed is None,
-            "declared_public": {k: hp[f"{k}_is_public"] for k in self.input_reports if k != "model"},
-            "inputs": self.input_reports,
-        }
-
-    # ---------------------------------------------------------------- model pieces
-    def _build_reward(self) -> RewardFunction:
-        hp = self.hparams
-        if hp.reward_function is not None:
-            return load_reward_callable(hp.reward_function)
-        if hp.reward_classifier is not None:
-            return SequenceClassifierReward(
-                hp.reward_classifier, label=hp.reward_classifier_label, output=hp.reward_classifier_output
-            )
-        from lit_dprl.stages.reward import RewardModelScorer
-
-        return RewardModelScorer(hp.reward_model)
-
-    def _steered(
-        self, body: torch.nn.Module, layers: list[int], source: str, examples: int
-    ) -> torch.nn.Module:
-        """``body`` with a steering adapter along public class-mean directions at ``layers``."""
-        public = load_public_sources(source).shuffle(seed=0)
-        public = public.select(range(min(examples, len(public))))
-        directions = class_mean_directions(
-            body.eval(), self.tokenizer, public["text"], public["label"], layers, max_length=32
-        )
-        return add_steering(body, dict(zip(layers, directions, strict=True)))
-
-    def setup(self, stage: str) -> None:
-        """Refuse prompts tokenized for another model or that with their responses exceed the context."""
-        if hasattr(self.reward, "to"):
-            self.reward.to(self.device)
-        datamodule = self.trainer.datamodule
-        if datamodule is None:
-            return
-        check_data_matches_model(datamodule, self.tokenizer, self.hparams.model, self.policy.config)
-        prompt_tokens = getattr(datamodule.hparams, "max_prompt_tokens", None)
-        if prompt_tokens is not None:
-            check_context(
-                prompt_tokens + self.hparams.max_new_tokens,
-                self.policy.config,
-                "max_prompt_tokens + max_new_tokens",
-                "lower data.init_args.max_prompt_tokens or model.init_args.max_new_tokens",
-            )
-
-    def _score(self, prompts: list[str], texts: list[str]) -> torch.Tensor:
-        """Scores ``[N]``; a ``reward_function`` is called once per response, so it cannot see other rows."""
-        return score_responses(
-            self.reward,
-            prompts,
-            texts,
-            device=self.device,
-            one_at_a_time=self.hparams.reward_function is not None,
-        )
-
-    def _sample(self, queries: torch.Tensor, query_mask: torch.Tensor, seeds: list[int]) -> Completions:
-        hp = self.hparams
-        return sample_completions(
-            self.policy, self.tokenizer, queries, query_mask, seeds,
-            temperature=hp.temperature, min_new_tokens=hp.min_new_tokens, max_new_tokens=hp.max_new_tokens,
-        )  # fmt: skip
-
-    def completion_logprobs(
-        self, packed: Packed, rows: torch.Tensor, responses: torch.Tensor, reference: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``rollout.completion_logprobs`` under the policy (with values under "gae") or the reference."""
-        hp = self.hparams
-        model = self.reference if reference and self.reference is not None else self.policy
-        adapter_off = None
-        if reference and self.reference is None:
-            adapter_off = (
-                steering_disabled(self.policy)
-                if self.hparams.steering_layers
-                else self.policy.disable_adapter()
-            )
-        with adapter_off or contextlib.nullcontext():
-            return completion_logprobs(
-                model, packed, rows, responses, self.tokenizer,
-                temperature=hp.temperature, min_new_tokens=hp.min_new_tokens,
-                value_head=None if reference else self.value_head,
-            )  # fmt: skip
-
-    # ---------------------------------------------------------------- rollout
-    @torch.no_grad()
-    def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
-        """Sample, score and compute advantages for one batch of prompts (no gradients)."""
-        hp = self.hparams
-        queries, query_mask = batch["input_ids"], batch["attention_mask"]
-        prompts_n, group = queries.shape[0], hp.samples_per_prompt
-        keys = prompt_keys(queries, query_mask)
-        sampled = self._sample(
-            queries, query_mask, completion_seeds(self.rollout_seed, self.rollout_batches, keys, group)
-        )
-        responses, mask, logprobs, contains_eos, packed = sampled
-        every = torch.arange(prompts_n, device=queries.device)
-        ref_logprobs, _ = self.completion_logprobs(packed, every, responses, reference=True)
-        ref_logprobs = torch.where(mask, ref_logprobs, 0.0)  # 0 after EOS, as the sampling log-probs
-        values = (
-            self.completion_logprobs(packed, every, responses)[1] if self.value_head is not None else None
-        )
-        prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
-        texts = self.tokenizer.batch_decode(responses.flatten(0, 1), skip_special_tokens=True)
-        scores = self._score([p for p in prompts for _ in range(group)], texts).view(prompts_n, group)
-        if hp.missing_eos_penalty is not None:
-            scores = apply_missing_eos_penalty(scores, contains_eos, hp.missing_eos_penalty)
-        kl = torch.where(mask, kl_estimate(logprobs, ref_logprobs, hp.kl_estimator), 0.0)
-        advantages, returns = group_advantages(
-            hp.advantage_estimator, scores, kl, mask, values,
-            kl_coef=0.0 if hp.kl_in_loss else self.kl_controller.value, gamma=hp.gamma, lam=hp.lam,
-        )  # fmt: skip
-        if hp.whiten_advantages:
-            advantages = masked_whiten(advantages.flatten(0, 1), mask.flatten(0, 1)).view_as(kl)
-        return Rollout(
-            queries, keys, packed, responses, mask, logprobs, ref_logprobs, values, scores, kl, advantages,
-            returns, contains_eos, prompts, texts,
-        )  # fmt: skip
+        """What ``privacy.json`` records of this stage (``settings.privacy_metadata``)."""
+        return privacy_metadata(self.hparams, self.input_reports)
 
     # ---------------------------------------------------------------- training
     def minibatch_loss(
@@ -513,40 +277,6 @@ class PPOModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/reward", rollout.scores.mean(), prog_bar=True, on_step=True, batch_size=batch_size)
 
-    # ---------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        queries, query_mask = batch["input_ids"], batch["attention_mask"]
-        seeds = completion_seeds(self.rollout_seed, "validation", prompt_keys(queries, query_mask), 1)
-        responses, mask, logprobs, _, packed = self._sample(queries, query_mask, seeds)
-        rows = torch.arange(queries.shape[0], device=queries.device)
-        ref_logprobs, _ = self.completion_logprobs(packed, rows, responses, reference=True)
-        kl = torch.where(mask, logprobs - ref_logprobs, 0.0).sum((1, 2))
-        responses = responses.squeeze(1)
-        prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = self._score(prompts, texts)
-        self.eval_reward.update(scores)
-        self.eval_kl.update(kl)
-        for prompt, text, score in zip(prompts, texts, scores.tolist(), strict=True):
-            if len(self._samples) < self.hparams.num_samples_to_log:
-                self._samples.append({"prompt": prompt, "response": text, "reward": score})
-        self.log("eval/reward", self.eval_reward, on_epoch=True, prog_bar=True, batch_size=len(texts))
-        self.log("eval/kl", self.eval_kl, on_epoch=True, batch_size=len(texts))
-
-    def on_validation_epoch_start(self) -> None:
-        # re-create metric states in the current grad mode: states left by an earlier
-        # ``trainer.validate`` (inference mode) cannot be updated in place during ``fit``
-        self.eval_reward.reset()
-        self.eval_kl.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        if self._samples and self.trainer.is_global_zero and self.logger is not None and self.trainer.log_dir:
-            path = Path(self.trainer.log_dir) / f"samples_step{self.global_step}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self._samples))
-        self._samples = []
-
     # ---------------------------------------------------------------- optimizer, checkpoint, export
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -572,10 +302,7 @@ class PPOModule(L.LightningModule):
     def export(self, directory: str | Path) -> Path:
         """Write the policy (adapter merged) and tokenizer as a plain ``transformers`` directory."""
         directory = Path(directory)
-        merged = (
-            merged_steering_copy(self.policy) if self.hparams.steering_layers else merged_copy(self.policy)
-        )
-        merged.save_pretrained(directory)
+        merged_policy(self.policy, bool(self.hparams.steering_layers)).save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         if self.value_head is not None:
             torch.save(
