@@ -11,11 +11,12 @@ import pytest
 
 from lit_dprl.commands.pipeline import main, print_summary, run_pipeline
 from lit_dprl.commands.pipeline_evaluation import Evaluation, held_out_prompts
-from lit_dprl.commands.pipeline_privacy import combined_privacy_report, stage_report
+from lit_dprl.commands.pipeline_privacy import stage_report
 from lit_dprl.commands.pipeline_stages import DATA_SPLIT_FILE, Stage
 from lit_dprl.data.imdb import imdb_provenance, load_imdb_reviews, split_imdb
 from lit_dprl.data.prompts import PromptDataModule
 from lit_dprl.privacy.accounting import epsilon_after
+from lit_dprl.privacy.composition import combined_privacy_report
 from lit_dprl.privacy.report import EXPORT_MARKER
 
 

@@ -5,7 +5,7 @@ report and the evaluation of the aligned policy on held-out prompts.
     lit-dprl pipeline --config configs/smollm2/pipeline.yaml --rerun '[grpo]'  # redo a stage and the stages it feeds
 
 Stages, their exports and when a finished one is reused: ``pipeline_stages``. The privacy report
-(``privacy_report.json``) and when stages compose in parallel: ``pipeline_privacy``. The held-out evaluation:
+(``privacy_report.json``) and when stages compose in parallel: ``pipeline_privacy`` and ``lit_dprl.privacy.composition``. The held-out evaluation:
 ``pipeline_evaluation``.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lit_dprl.commands.pipeline_evaluation import Evaluation, evaluate
-from lit_dprl.commands.pipeline_privacy import combined_privacy_report, public_data_split, stage_report
+from lit_dprl.commands.pipeline_privacy import public_data_split, stage_report
 from lit_dprl.commands.pipeline_stages import (
     DATA_SPLIT_FILE,
     INPUTS_FILE,
@@ -33,6 +33,7 @@ from lit_dprl.commands.pipeline_stages import (
 )
 from lit_dprl.data.splits import PROVENANCE_KEY
 from lit_dprl.evaluation import format_epsilon, save_json
+from lit_dprl.privacy.composition import combined_privacy_report
 from lit_dprl.privacy.report import REPORT_NAME
 
 

@@ -6,7 +6,7 @@ and the unit goes to the split whose interval of cumulative fractions holds ``u`
 unit therefore moves no other unit between splits, and per-unit choices (an IMDb prompt's word count, a
 preference pair's partner) are drawn the same way, from that unit's own hash under another ``purpose``.
 Stages that split the same dataset with the same key, fractions and unit but train on different splits
-see disjoint units: parallel composition holds (``lit_dprl.commands.pipeline_privacy`` checks it from the provenance).
+see disjoint units: parallel composition holds (``lit_dprl.privacy.composition`` checks it from the provenance).
 
 The key is public metadata (``split_key(seed)`` from the data modules' ``seed``): it fixes which split
 holds a unit, which the DP guarantee does not hide. The guarantee is about the training set of a stage.

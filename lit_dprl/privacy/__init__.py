@@ -35,7 +35,7 @@ The report (``privacy.json``) goes into the run's log dir; the stages export it 
 
 Modules: ``callback`` (``DPCallback``, the Lightning wiring), ``patching``, ``refusals``, ``units``, ``sampling``,
 ``randomness``, ``batches``, ``steps``, ``optimizers``, ``budget``, ``accounting``, ``ledger``, ``summary``,
-``report`` (exports), ``audit``. ``DPCallback`` and ``DPConfigurationError`` are imported on first use, so that
+``report`` (exports), ``composition`` (several stages), ``audit``. ``DPCallback`` and ``DPConfigurationError`` are imported on first use, so that
 ``lit_dprl.privacy.report`` (used by every stage's export) does not load Opacus.
 """
 
