@@ -306,8 +306,8 @@ def private_sentences(private: list[tuple[Run, dict[str, Any]]]) -> list[str]:
     if beyond:
         most = max(audit["epsilon_max_detectable"] for _, audit in private)
         sentences.append(
-            f"{', '.join(beyond)} claim more than these m canaries can ever show ({most:.2f}), so no leak "
-            "could contradict them here"
+            f"the claims {', '.join(beyond)} exceed the most these m canaries can ever show ({most:.2f}), so "
+            "no leak could contradict them here"
         )
     return sentences
 
@@ -345,10 +345,9 @@ def machine_note(threads: int) -> str:
         ),
         platform.processor() or "unknown CPU",
     )
-    load = os.getloadavg()[0]
     return (
-        f"{model}, {os.cpu_count()} cores shared with other jobs (load average {load:.1f} at the start, "
-        f"niceness {os.getpriority(os.PRIO_PROCESS, 0)}), OMP_NUM_THREADS={threads}, no GPU; "
+        f"{model}, {os.cpu_count()} cores shared with other jobs (niceness "
+        f"{os.getpriority(os.PRIO_PROCESS, 0)}), OMP_NUM_THREADS={threads}, no GPU; "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
         f"torch {version('torch')}, lightning {version('lightning')}, opacus {version('opacus')}"
     )
@@ -382,7 +381,8 @@ def render(rows: list[Row], invocation: str, machine: str, date: str, quick: boo
         "",
         *preamble(rows, invocation, date, quick),
         "",
-        f"Machine: {machine}. Wall time: one audit run, training and scoring included.",
+        f"Machine: {machine}. Wall time: one audit run, training and scoring included "
+        f"({sum(row.wall_s or 0 for row in rows) / 60:.1f} min for the {len(rows)} runs).",
         "",
         *table(rows),
         "",

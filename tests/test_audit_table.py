@@ -72,7 +72,7 @@ def test_complete_runs_are_reused_and_rendered(table, tmp_path, monkeypatch):
     assert any(line.startswith("| `reward` | broken") and "| **yes** |" in line for line in lines)
     reading = "\n".join(line for line in lines if line.startswith("- "))
     assert "the canaries have power: without DP ε_emp = 1.50" in reading
-    assert "ε = 4, ε = 8 claim more than these m canaries can ever show (2.00)" in reading
+    assert "the claims ε = 4, ε = 8 exceed the most these m canaries can ever show (2.00)" in reading
     assert "is flagged: ε_emp = 1.80" in reading
     assert "**`grpo`**" in reading and "**no power**" in reading
     assert "Measured 2026-12-04 by `python benchmarks/audit_table.py`" in text and "a test machine" in text
