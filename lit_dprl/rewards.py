@@ -3,7 +3,9 @@
 - :func:`load_reward_callable` imports any ``"package.module:function"`` with that signature
   (rule-based or remote rewards);
 - :class:`SequenceClassifierReward` scores texts with a local Hugging Face sequence classifier
-  (a public sentiment classifier, or a reward model saved by stage 2);
+  (a public sentiment classifier);
+- :class:`RewardModelScorer` scores ``(prompt, response)`` pairs with a reward model exported by stage 2
+  (``reward_config.json`` says how: :func:`write_reward_config`), as stage 2 trained it (:func:`reward_model_scores`);
 - :func:`vowel_fraction` is a toy reward for tests and tiny runs.
 
 **Contract (DP).** A reward must score each response on its own: ``reward(prompts, responses)[i]`` may depend
@@ -29,10 +31,19 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from lit_dprl.models import position_ids_from_mask
+from lit_dprl.data.padding import left_pad
+from lit_dprl.data.preferences import encode_prompt_responses
+from lit_dprl.models import context_length, disable_dropout, position_ids_from_mask
 from lit_dprl.privacy.report import REPORT_NAME
+
+REWARD_CONFIG_FILE = "reward_config.json"
 
 
 class RewardFunction(Protocol):
@@ -273,3 +284,87 @@ def reward_source_hazards(
                 f"{report.get('epsilon')}): every update would depend on all of its training data ({advice})"
             )
     return hazards
+
+
+def reward_model_scores(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Reward per row, shape ``[B]``: the scalar head at the last non-pad token, explicit ``[B, T]`` positions."""
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return output.logits[:, 0]
+
+
+def write_reward_config(
+    directory: Path, max_length: int | None, bias: float, bias_source: str | None
+) -> None:
+    """Write ``reward_config.json``: how to read a score from the exported model."""
+    config = {
+        "score": "AutoModelForSequenceClassification(...)(input_ids, attention_mask, position_ids).logits[:, 0] - bias",
+        "reward_position": "last non-pad token; sequences are padded on the left, so the last position",
+        "padding_side": "left",
+        "position_ids": "cumsum(attention_mask, -1) - 1, clamped at 0",
+        "encoding": (
+            "prompt and response tokenized separately without special tokens, then concatenated; longer than "
+            "max_length: the prompt is truncated from the left"
+        ),
+        "max_length": max_length,
+        "bias": bias,
+        "bias_source": bias_source,
+    }
+    (directory / REWARD_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_reward_model(directory: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The exported reward model (fp32, eval mode, frozen, dropout off) and its left-padding tokenizer."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        directory, dtype=torch.float32, local_files_only=True
+    )
+    model.eval().requires_grad_(False)
+    disable_dropout(model)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+class RewardModelScorer:
+    """Scores ``(prompt, response)`` pairs with an exported reward model: ``r(x, y) - bias``.
+
+    Encoding, left padding, position ids and the reward position are those of training; ``bias``
+    (0 unless computed from declared-public reference data) comes from ``reward_config.json``. The
+    model is frozen and scored under ``no_grad``; this is a plain object, not an ``nn.Module``, so a
+    LightningModule holding it does not register its weights. Move it with :meth:`to`.
+    """
+
+    def __init__(self, directory: str | Path, batch_size: int = 32) -> None:
+        directory = Path(directory)
+        self.model, self.tokenizer = load_reward_model(directory)
+        self.batch_size = batch_size
+        config = json.loads((directory / REWARD_CONFIG_FILE).read_text())
+        self.bias = float(config["bias"])
+        self.max_length = config["max_length"] or context_length(self.model.config)
+
+    def to(self, device: str | torch.device) -> RewardModelScorer:
+        """Move the reward model to ``device``; returns ``self``."""
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            stop = start + self.batch_size
+            encoded = encode_prompt_responses(
+                self.tokenizer, prompts[start:stop], responses[start:stop], self.max_length
+            )
+            input_ids, attention_mask = left_pad([e.input_ids for e in encoded], self.tokenizer.pad_token_id)
+            device = next(self.model.parameters()).device
+            rewards = reward_model_scores(self.model, input_ids.to(device), attention_mask.to(device))
+            scores.extend((rewards - self.bias).tolist())
+        return scores

@@ -12,7 +12,8 @@ from lit_dprl.data.preferences import PreferenceDataModule, collate_preference_b
 from lit_dprl.losses import bradley_terry_loss
 from lit_dprl.models import build_tiny_gpt2, build_tiny_tokenizer, position_ids_from_mask
 from lit_dprl.privacy import DPCallback
-from lit_dprl.stages.reward import PairwiseRewardMetrics, RewardModelScorer, RewardModule
+from lit_dprl.rewards import RewardModelScorer
+from lit_dprl.stages.reward import PairwiseRewardMetrics, RewardModule
 
 TEXTS = [
     ("Review: the plot", " was great and the actors good", " was bad"),

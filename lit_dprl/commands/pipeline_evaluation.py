@@ -95,7 +95,7 @@ def evaluate(run_dir: Path, evaluation: Evaluation, stages: dict[str, Stage]) ->
     elif evaluation.reward_function is not None:
         reward = load_reward_callable(evaluation.reward_function)
     elif evaluation.reward_model is not None:
-        from lit_dprl.stages.reward import RewardModelScorer
+        from lit_dprl.rewards import RewardModelScorer
 
         reward = RewardModelScorer(resolve_model(run_dir, evaluation.reward_model, stages))
     else:

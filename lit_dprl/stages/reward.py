@@ -6,57 +6,32 @@ with ``num_labels=1``), initialised from the stage-1 model or any local causal L
 on the left, so that is the last position. One preference pair is one privacy unit: differential
 privacy comes only from attaching ``lit_dprl.privacy.DPCallback``; this module has no DP code.
 
-The exported directory loads with plain ``transformers`` (see :func:`load_reward_model`) and is read
-by stage 3 through :class:`RewardModelScorer`.
+The exported directory loads with plain ``transformers`` (``lit_dprl.rewards.load_reward_model``) and is read
+by stage 3 and the pipeline's evaluation through ``lit_dprl.rewards.RewardModelScorer``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 import torchmetrics
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
 from lit_dprl.data.files import load_local_dataset, require_columns
-from lit_dprl.data.padding import left_pad
-from lit_dprl.data.preferences import encode_prompt_responses
 from lit_dprl.losses import bradley_terry_loss
 from lit_dprl.models import (
     add_lora,
     check_data_matches_model,
     context_length,
-    disable_dropout,
     load_tokenizer,
     merged_copy,
-    position_ids_from_mask,
     sequence_classifier_from_causal_lm,
 )
 from lit_dprl.privacy.report import export_after_fit
+from lit_dprl.rewards import RewardModelScorer, reward_model_scores, write_reward_config
 
-REWARD_CONFIG_FILE = "reward_config.json"
 REFERENCE_FIELDS = ("prompt", "response")
-
-
-def sequence_rewards(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """Reward per row, shape ``[B]``: the scalar head at the last non-pad token, explicit ``[B, T]`` positions."""
-    output = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    return output.logits[:, 0]
 
 
 class MeanStd(torchmetrics.Metric):
@@ -180,7 +155,7 @@ class RewardModule(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards of left-padded ``prompt + response`` rows, shape ``[B]``."""
-        return sequence_rewards(self.model, input_ids, attention_mask)
+        return reward_model_scores(self.model, input_ids, attention_mask)
 
     def pair_rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r_chosen, r_rejected)``, each ``[B]``, from two separate forwards.
@@ -240,7 +215,7 @@ class RewardModule(L.LightningModule):
         """Write the merged reward model, its tokenizer and ``reward_config.json`` to ``directory``.
 
         Plain ``AutoModelForSequenceClassification.from_pretrained(directory)`` and
-        ``AutoTokenizer.from_pretrained(directory)`` load it (see :func:`load_reward_model`). If
+        ``AutoTokenizer.from_pretrained(directory)`` load it (see ``lit_dprl.rewards.load_reward_model``). If
         ``public_reference_file`` is set, the mean reward of its rows is stored as ``bias``.
         """
         directory = Path(directory)
@@ -262,74 +237,3 @@ class RewardModule(L.LightningModule):
                 bias_source=f"mean reward of {len(scores)} public reference rows in {self.public_reference_file}",
             )
         return directory
-
-
-def write_reward_config(
-    directory: Path, max_length: int | None, bias: float, bias_source: str | None
-) -> None:
-    """Write ``reward_config.json``: how to read a score from the exported model."""
-    config = {
-        "score": "AutoModelForSequenceClassification(...)(input_ids, attention_mask, position_ids).logits[:, 0] - bias",
-        "reward_position": "last non-pad token; sequences are padded on the left, so the last position",
-        "padding_side": "left",
-        "position_ids": "cumsum(attention_mask, -1) - 1, clamped at 0",
-        "encoding": (
-            "prompt and response tokenized separately without special tokens, then concatenated; longer than "
-            "max_length: the prompt is truncated from the left"
-        ),
-        "max_length": max_length,
-        "bias": bias,
-        "bias_source": bias_source,
-    }
-    (directory / REWARD_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def load_reward_model(directory: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The exported reward model (fp32, eval mode, frozen, dropout off) and its left-padding tokenizer."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        directory, dtype=torch.float32, local_files_only=True
-    )
-    model.eval().requires_grad_(False)
-    disable_dropout(model)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    tokenizer.padding_side = "left"
-    return model, tokenizer
-
-
-class RewardModelScorer:
-    """Scores ``(prompt, response)`` pairs with an exported reward model: ``r(x, y) - bias``.
-
-    Encoding, left padding, position ids and the reward position are those of training; ``bias``
-    (0 unless computed from declared-public reference data) comes from ``reward_config.json``. The
-    model is frozen and scored under ``no_grad``; this is a plain object, not an ``nn.Module``, so a
-    LightningModule holding it does not register its weights. Move it with :meth:`to`.
-    """
-
-    def __init__(self, directory: str | Path, batch_size: int = 32) -> None:
-        directory = Path(directory)
-        self.model, self.tokenizer = load_reward_model(directory)
-        self.batch_size = batch_size
-        config = json.loads((directory / REWARD_CONFIG_FILE).read_text())
-        self.bias = float(config["bias"])
-        self.max_length = config["max_length"] or context_length(self.model.config)
-
-    def to(self, device: str | torch.device) -> RewardModelScorer:
-        """Move the reward model to ``device``; returns ``self``."""
-        self.model.to(device)
-        return self
-
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        scores: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
-            stop = start + self.batch_size
-            encoded = encode_prompt_responses(
-                self.tokenizer, prompts[start:stop], responses[start:stop], self.max_length
-            )
-            input_ids, attention_mask = left_pad([e.input_ids for e in encoded], self.tokenizer.pad_token_id)
-            device = next(self.model.parameters()).device
-            rewards = sequence_rewards(self.model, input_ids.to(device), attention_mask.to(device))
-            scores.extend((rewards - self.bias).tolist())
-        return scores

@@ -82,6 +82,6 @@ def build_reward(hp: AttributeDict) -> RewardFunction:
         return SequenceClassifierReward(
             hp.reward_classifier, label=hp.reward_classifier_label, output=hp.reward_classifier_output
         )
-    from lit_dprl.stages.reward import RewardModelScorer
+    from lit_dprl.rewards import RewardModelScorer
 
     return RewardModelScorer(hp.reward_model)
