@@ -22,8 +22,8 @@ only when given). The model, reward and lengths stay this script's, so the TRL s
 Every response is exactly ``--response`` tokens (EOS blocked before), the prompts are "This movie was number
 {i} and", the reward is ``lit_dprl.rewards:vowel_fraction`` (throughput, not utility). Each rollout batch =
 generation + scoring + reference (and, for PPO, value) forwards + the optimisation passes. An episode is one
-completion: a batch has ``batch x G`` of them (in expectation under DP's Poisson sampling). The first batch is
-a warm-up and is not timed.
+completion: a batch has ``prompts x G`` of them, counted (DP's Poisson batches have ``--batch`` prompts only in
+expectation). The first batch is a warm-up and is not timed.
 """
 
 from __future__ import annotations
@@ -66,12 +66,14 @@ GRPO_KEYS = (
 
 
 class BatchTimer(pl.Callback):
-    """Wall time of each training batch."""
+    """Wall time and number of prompts of each training batch (DP's Poisson batches vary in size)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.prompts: list[int] = []
 
-    def on_train_batch_start(self, *args) -> None:
+    def on_train_batch_start(self, trainer, module, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.prompts.append(len(batch["input_ids"]))
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, *args) -> None:
@@ -137,12 +139,11 @@ def episodes_per_second(
             limit_val_batches=0,
         )
         trainer.fit(module, data)
-        # Poisson batches vary in size; their expectation is the batch size
-        expected = batch * module.hparams.samples_per_prompt
         print(
-            f"{'DP' if dp else 'non-DP'} batch wall times (s): " + " ".join(f"{t:.2f}" for t in timer.times)
+            f"{'DP' if dp else 'non-DP'} batch wall times (s) / prompts: "
+            + " ".join(f"{t:.2f}/{n}" for t, n in zip(timer.times, timer.prompts, strict=True))
         )
-        return expected * len(timer.times[1:]) / sum(timer.times[1:])
+        return module.hparams.samples_per_prompt * sum(timer.prompts[1:]) / sum(timer.times[1:])
 
 
 def parse_args() -> argparse.Namespace:
