@@ -66,18 +66,22 @@ GRPO_KEYS = (
 
 
 class BatchTimer(pl.Callback):
-    """Wall time and number of prompts of each training batch (DP's Poisson batches vary in size)."""
+    """Wall time, CPU time of this process and number of prompts of each training batch (DP's Poisson batches
+    vary in size). CPU time is the steadier measure on a shared machine, where wall time follows the load."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.prompts: list[int] = []
 
     def on_train_batch_start(self, trainer, module, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.prompts.append(len(batch["input_ids"]))
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
 
     def on_train_batch_end(self, *args) -> None:
         self.times.append(time.perf_counter() - self._start)
+        self.cpu_times.append(time.process_time() - self._cpu_start)
 
 
 def save_gpt2_small(directory: Path) -> str:
@@ -139,11 +143,13 @@ def episodes_per_second(
             limit_val_batches=0,
         )
         trainer.fit(module, data)
+        episodes = module.hparams.samples_per_prompt * sum(timer.prompts[1:])
         print(
             f"{'DP' if dp else 'non-DP'} batch wall times (s) / prompts: "
             + " ".join(f"{t:.2f}/{n}" for t, n in zip(timer.times, timer.prompts, strict=True))
+            + f"; timed: {sum(timer.cpu_times[1:]) / episodes:.3f} CPU s per episode"
         )
-        return module.hparams.samples_per_prompt * sum(timer.prompts[1:]) / sum(timer.times[1:])
+        return episodes / sum(timer.times[1:])
 
 
 def parse_args() -> argparse.Namespace:

@@ -73,8 +73,8 @@ def trl_arguments(options: dict, batch: int, batches: int, response: int, output
     )
 
 
-def episodes_per_second(options: dict, batch: int, batches: int, response: int) -> tuple[float, list[float]]:
-    """TRL GRPO completions/s over all batches but the first, and every batch's wall time."""
+def episodes_per_second(options: dict, batch: int, batches: int, response: int) -> tuple[float, BatchTimer]:
+    """TRL GRPO completions/s over all batches but the first, and the timer of every batch."""
     if options["advantage_estimator"] != "grpo" or not options["kl_in_loss"]:
         raise ValueError("TRL's GRPO matches advantage_estimator='grpo' with kl_in_loss=True only")
     tokenizer = load_tokenizer("smollm2")
@@ -99,7 +99,7 @@ def episodes_per_second(options: dict, batch: int, batches: int, response: int) 
         trainer.remove_callback(PrinterCallback)  # it prints the metrics of every logging step
         trainer.train()
     timed = timer.times[1:]
-    return batch * options["samples_per_prompt"] * len(timed) / sum(timed), timer.times
+    return batch * options["samples_per_prompt"] * len(timed) / sum(timed), timer
 
 
 def main() -> None:
@@ -117,8 +117,13 @@ def main() -> None:
     options, batch = grpo_settings(args.grpo)
     options = lora_instead(options, args.lora_layers or options.get("steering_layers"))
     batch = args.batch or batch
-    eps, times = episodes_per_second(options, batch, args.batches, args.response)
-    print(f"batch wall times (s): warm-up {times[0]:.2f}; timed " + " ".join(f"{t:.2f}" for t in times[1:]))
+    eps, timer = episodes_per_second(options, batch, args.batches, args.response)
+    times, cpu = timer.times, timer.cpu_times[1:]
+    print(
+        f"batch wall times (s): warm-up {times[0]:.2f}; timed "
+        + " ".join(f"{t:.2f}" for t in times[1:])
+        + f"; timed: {sum(cpu) / (len(cpu) * batch * options['samples_per_prompt']):.3f} CPU s per episode"
+    )
     print("| model | adapter | G | prompts/batch | response tokens | TRL GRPO episodes/s |")
     print("|---|---|---|---|---|---|")
     print(
