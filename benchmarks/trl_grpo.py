@@ -18,6 +18,20 @@ completion, then mean), the Python reward ``lit_dprl.rewards:vowel_fraction``, a
 tokens per completion (``min_new_tokens`` = ``max_completion_length``). TRL cannot express the config's steering
 adapter, so both sides train LoRA r=4, alpha 32 on q_proj/v_proj of the steered layers. Generation is plain
 ``model.generate`` (no vLLM) on the CPU; the first batch is a warm-up and is not timed.
+
+What still differs between the two loops, as each ships:
+
+- sampling: TRL calls ``generate`` once for the batch's completions from the shared torch RNG; lit_dprl's
+  KV-cached loop draws each completion from its own seeded stream (the secret streams its DP guarantee needs);
+- the training forward: lit_dprl packs a prompt's G completions into one row (the DP unit) behind a block
+  attention mask, TRL runs one row per completion;
+- the LM head: TRL computes log-probs (and entropy) with a chunked fused head that never holds the full
+  ``[rows, tokens, vocab]`` logits; lit_dprl takes the log-softmax of the full logits;
+- TRL's step also computes entropy and reward/length/clip metrics, clips the gradient norm at 1.0 and steps a
+  linear learning-rate schedule (Trainer defaults); lit_dprl's non-DP step does neither;
+- the reward function is called once per batch by TRL, once per response by lit_dprl;
+- the same in both: the old log-probs come without an extra forward (lit_dprl's from sampling, TRL's detached
+  with one pass) and the reference is the adapter-disabled policy under ``no_grad``.
 """
 
 from __future__ import annotations
