@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 import warnings
-from itertools import pairwise
 
 import torch
 import transformers
@@ -41,31 +39,14 @@ from transformers import (
     AutoModelForSequenceClassification,
     PreTrainedTokenizerBase,
     PrinterCallback,
-    TrainerCallback,
 )
 from trl.experimental.ppo import PPOConfig, PPOTrainer
+from trl_timing import BatchTimer
 
 from lit_dprl.models import build_tiny_gpt2, build_tiny_tokenizer, gpt2_tokenizer
 
 MODELS = {"tiny": {}, "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024)}
 LORA = {"tiny": dict(r=4, lora_alpha=32), "gpt2-small": dict(r=8, lora_alpha=16)}
-
-
-class BatchTimer(TrainerCallback):
-    """Wall time of each rollout batch: PPOTrainer fires ``on_step_end`` once per batch (no ``on_step_begin``)."""
-
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def on_train_begin(self, *args, **kwargs) -> None:
-        self.ends = [time.perf_counter()]
-
-    def on_step_end(self, *args, **kwargs) -> None:
-        self.ends.append(time.perf_counter())
-
-    @property
-    def times(self) -> list[float]:
-        return [end - start for start, end in pairwise(self.ends)]
 
 
 def episodes_per_second(model: str, batch: int, batches: int, response: int) -> tuple[float, list[float]]:
