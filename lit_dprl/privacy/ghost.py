@@ -160,7 +160,7 @@ def per_example_losses(output: Any) -> torch.Tensor:
         )
     if loss is not None and not torch.allclose(loss.detach(), losses.detach().mean(), rtol=1e-4, atol=1e-6):
         raise DPConfigurationError(
-            f"'loss' ({float(loss):.6g}) is not the mean of '{PER_EXAMPLE_LOSS}' ({float(losses.mean()):.6g}): "
+            f"'loss' ({float(loss.detach()):.6g}) is not the mean of '{PER_EXAMPLE_LOSS}' ({float(losses.detach().mean()):.6g}): "
             "the training loss must be the batch mean of the per-example losses"
         )
     return losses
