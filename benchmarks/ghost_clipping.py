@@ -8,7 +8,7 @@ a fresh subprocess, so peak memory (peak RSS on CPU, peak allocated on CUDA) is 
 rounds alternate the modes, so that load on a shared machine hits all of them alike. The step time is the
 median over all rounds' timed steps.
 
-    python benchmarks/ghost_clipping.py                      # GPT-2-small size, batch 8 x 128, 2 rounds
+    python benchmarks/ghost_clipping.py                      # GPT-2-small size, batch 8 x 128, 2 rounds x 1 step
     python benchmarks/ghost_clipping.py --model tiny         # seconds: a check that it runs
 """
 
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--model", choices=list(MODELS), default="gpt2-small")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per round and mode")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per round and mode")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", metavar="MODE", help=argparse.SUPPRESS)

@@ -17,6 +17,7 @@ from lit_dprl.losses import training_output
 from lit_dprl.privacy import DPCallback, DPConfigurationError
 from lit_dprl.privacy.ghost import GhostNormHooks, clipping_coefficients
 from lit_dprl.privacy.optimizers import make_dp_optimizer
+from lit_dprl.privacy.tied import logit_gradients_at_inputs, tied_cross_term
 from lit_dprl.stages.reward import RewardModule
 from lit_dprl.stages.sft import SFTModule
 from tests.test_privacy_callback import make_trainer
@@ -118,11 +119,30 @@ def test_ghost_norms_equal_per_example_gradient_norms_on_full_gpt2():
     loader = sft_loader(module)
     reference = hook_mode_norms(module, loader)
     hooks = GhostNormHooks(module, max_grad_norm=1.0)
+    gpt2 = module.model
+    assert hooks.tied == {gpt2.transformer.wte: gpt2.lm_head, gpt2.lm_head: gpt2.transformer.wte}
     hooks.start_step()
     norms = hooks.norm_pass(module.training_step(next(iter(loader)), 0)["per_example_loss"])
     hooks.cleanup()
     torch.testing.assert_close(norms, reference, rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in module.parameters())  # the norm pass left no gradient behind
+
+
+def test_tied_cross_term_is_the_inner_product_of_the_embedding_and_output_gradients():
+    generator = torch.Generator().manual_seed(0)
+    batch, length, vocab, width = 3, 5, 7, 4
+    ids = torch.randint(vocab, (batch, length), generator=generator)
+    embedding_backprops = torch.randn(batch, length, width, generator=generator)
+    output_inputs = torch.randn(batch, length, width, generator=generator)
+    logit_backprops = torch.randn(batch, length, vocab, generator=generator)
+    embedding_grads = torch.zeros(batch, vocab, width)
+    for n in range(batch):
+        embedding_grads[n].index_add_(0, ids[n], embedding_backprops[n])
+    output_grads = torch.einsum("nsv,nsd->nvd", logit_backprops, output_inputs)
+    cross = tied_cross_term(
+        logit_gradients_at_inputs(logit_backprops, ids), embedding_backprops, output_inputs
+    )
+    torch.testing.assert_close(cross, (embedding_grads * output_grads).sum((1, 2)))
 
 
 def test_clipping_coefficients_drop_non_finite_examples():
@@ -154,6 +174,7 @@ def test_tiny_stage_trains_in_ghost_mode_through_the_cli_with_hook_modes_epsilon
     assert ghost["steps"] == hooks["steps"] == 3
     assert ghost["epsilon"] == hooks["epsilon"] > 0
     assert ghost["noise_multiplier"] == hooks["noise_multiplier"]
+    assert (ghost["grad_sample_mode"], hooks["grad_sample_mode"]) == ("ghost", "hooks")
 
 
 class PerExampleToy(ToyClassifier):

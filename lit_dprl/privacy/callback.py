@@ -65,12 +65,11 @@ class DPCallback(Callback):
         privacy_unit: "row" (one training row) or "user" (all rows sharing ``user_id_field``).
         user_id_field: the dataset's user id column (see ``units.dataset_user_ids``).
         max_rows_per_user: under "user", use at most this many rows of each user (its first ones).
-        grad_sample_mode: "hooks" (Opacus's per-example gradients, clipped and summed) or "ghost" (ghost
-            clipping, ``ghost.py``: per-example gradient norms without per-example gradients, then a second
-            backward of Σ_i c_i ℓ_i, c_i = min(1, C/‖g_i‖); the same update and ε in far less memory). Ghost
-            mode needs ``training_step`` to return ``{"loss": mean, "per_example_loss": [B] losses}`` (the
-            stages do) and automatic optimization on one process, row-level units, no
-            ``max_physical_batch_size``; PPO/GRPO (manual optimization) need "hooks".
+        grad_sample_mode: "hooks" (Opacus's per-example gradients) or "ghost" (ghost clipping, ``ghost.py``:
+            per-example gradient norms without per-example gradients, then a backward of Σ_i c_i ℓ_i; the same
+            update and ε in less memory). Ghost needs ``training_step`` to return ``"per_example_loss"`` (the
+            contract's item 8), automatic optimization (not PPO/GRPO) on one process, row-level units and no
+            ``max_physical_batch_size``.
     """
 
     def __init__(
@@ -376,6 +375,7 @@ class DPCallback(Callback):
             self._ledger,
             noise_multiplier=self._noise_multiplier,
             max_grad_norm=self.max_grad_norm,
+            grad_sample_mode=self.grad_sample_mode,
             shape=self._shape,
             poisson_sampling=self.poisson_sampling,
             target_epsilon=self.target_epsilon,

@@ -13,9 +13,9 @@ One step on a batch of per-example losses ℓ_1..ℓ_B (the training step's ``"p
    clipped sum ``Σ_i c_i g_i`` in ``p.grad``;
 4. ``GhostDPOptimizer`` adds N(0, σ²C²) once and divides by the expected batch size, as hook mode does.
 
-A parameter used twice in a step gets no ghost norm, because the norms of its two uses do not add up to
-the norm of its gradient: a parameter held by two modules (GPT-2's input embedding tied to its output
-layer), or a module called twice (the reward and DPO stages run chosen and rejected responses through two
+A parameter used twice in a step gets no Opacus ghost norm, because the norms of its two uses do not add up
+to the norm of its gradient. An embedding tied to an output layer (GPT-2's ``wte`` = ``lm_head``) gets the
+exact norm with the cross term (``tied.py``). Any other parameter held by two modules, or a module called twice (the reward and DPO stages run chosen and rejected responses through two
 forwards, so that a pair is clipped as one unit). Those modules go through Opacus's fast gradient clipping
 instead: per-example gradients of that one module, summed over its uses, then their norm (memory of one
 layer's per-example gradients at a time, where hook mode holds all layers'). transformers' ``Conv1D`` (GPT-2's projections, ``y = x W + b``) gets Opacus's linear norm sampler:
@@ -39,6 +39,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lit_dprl.privacy.optimizers import _DPChecks
 from lit_dprl.privacy.refusals import DPConfigurationError
+from lit_dprl.privacy.tied import logit_gradients_at_inputs, tied_cross_term, tied_embedding_partners
 
 PER_EXAMPLE_LOSS = "per_example_loss"
 
@@ -72,6 +73,8 @@ class GhostNormHooks(GradSampleHooksFastGradientClipping):
             model, batch_first=True, loss_reduction="sum", strict=True, max_grad_norm=max_grad_norm
         )
         self.shared = modules_sharing_parameters(model)
+        self.tied = tied_embedding_partners(model)
+        self._tied_halves: dict[int, dict[str, Any]] = {}  # per tied weight: what its first module left
         self.normed: set[int] = set()  # ids of the parameters the last norm pass gave a norm
         self._sources: dict[int, nn.Parameter] = {}
         self._reused: set[nn.Module] = set()  # modules called more than once in this step
@@ -96,9 +99,55 @@ class GhostNormHooks(GradSampleHooksFastGradientClipping):
         with self._routed(module):
             super().capture_activations_hook(module, forward_input, forward_output)
 
-    def capture_backprops_hook(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+    def capture_backprops_hook(
+        self,
+        module: nn.Module,
+        forward_input: Any,
+        forward_output: Any,
+        loss_reduction: str,
+        batch_first: bool,
+    ) -> None:
+        partner = self.tied.get(module)
+        if partner is not None and self.hooks_enabled and not {module, partner} & self._reused:
+            self._tied_backprops(module, partner, forward_output, loss_reduction, batch_first)
+            return
         with self._routed(module):
-            super().capture_backprops_hook(module, *args, **kwargs)
+            super().capture_backprops_hook(module, forward_input, forward_output, loss_reduction, batch_first)
+
+    def _tied_backprops(
+        self,
+        module: nn.Module,
+        partner: nn.Module,
+        forward_output: Any,
+        loss_reduction: str,
+        batch_first: bool,
+    ) -> None:
+        """One half of a tied embedding/output weight's norm (``tied.py``); the second half sets the norm."""
+        activations, backprops = self.rearrange_grad_samples(
+            module=module,
+            backprops=forward_output[0].detach(),
+            loss_reduction=loss_reduction,
+            batch_first=batch_first,
+        )
+        norms = self.NORM_SAMPLERS[type(module)](module, activations, backprops)
+        weight = module.weight
+        half = self._tied_halves.setdefault(id(weight), {"squared": 0.0})
+        half["squared"] = half["squared"] + norms.pop(weight).square()
+        for parameter, norm in norms.items():  # the output layer's own bias
+            parameter._norm_sample = norm
+        if isinstance(module, nn.Embedding):
+            half["ids"], half["embedding_backprops"] = activations[0], backprops
+        else:  # the embedding's ids: from its first half, or still in its captured activations
+            ids = half["ids"] if "ids" in half else partner.activations[-1][0]
+            half["picked"], half["output_inputs"] = logit_gradients_at_inputs(backprops, ids), activations[0]
+        if "picked" in half and "embedding_backprops" in half:
+            cross = tied_cross_term(half["picked"], half["embedding_backprops"], half["output_inputs"])
+            weight._norm_sample = (half["squared"] + 2 * cross).clamp(min=0).sqrt()
+            del self._tied_halves[id(weight)]
+        for _, parameter in trainable_parameters(module):
+            parameter._forward_counter -= 1
+        if not module.activations and hasattr(module, "max_batch_len"):
+            del module.max_batch_len
 
     def start_step(self) -> None:
         """Forget the previous step's norms and sources, and turn the hooks on for the coming forward."""
@@ -106,6 +155,7 @@ class GhostNormHooks(GradSampleHooksFastGradientClipping):
             parameter._norm_sample = None
         self._sources = {}
         self._reused = set()
+        self._tied_halves = {}
         self.normed = set()
         self.enable_hooks()
 
