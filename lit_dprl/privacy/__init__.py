@@ -40,8 +40,8 @@ The report (``privacy.json``) goes into the run's log dir; the stages export it 
 (``report.write_export``).
 
 Modules: ``callback`` (``DPCallback``, the Lightning wiring), ``patching``, ``refusals``, ``units``, ``sampling``,
-``randomness``, ``batches``, ``steps``, ``optimizers``, ``ghost``, ``budget``, ``accounting``, ``ledger``, ``summary``,
-``report`` (exports), ``audit``. ``DPCallback`` and ``DPConfigurationError`` are imported on first use, so that
+``randomness``, ``batches``, ``steps``, ``optimizers``, ``ghost`` (with ``tied``), ``budget``, ``accounting``,
+``ledger``, ``summary``, ``report`` (exports), ``audit``. ``DPCallback`` and ``DPConfigurationError`` are imported on first use, so that
 ``lit_dprl.privacy.report`` (used by every stage's export) does not load Opacus.
 """
 

@@ -13,13 +13,14 @@ One step on a batch of per-example losses ℓ_1..ℓ_B (the training step's ``"p
    clipped sum ``Σ_i c_i g_i`` in ``p.grad``;
 4. ``GhostDPOptimizer`` adds N(0, σ²C²) once and divides by the expected batch size, as hook mode does.
 
-A parameter used twice in a step gets no Opacus ghost norm, because the norms of its two uses do not add up
-to the norm of its gradient. An embedding tied to an output layer (GPT-2's ``wte`` = ``lm_head``) gets the
-exact norm with the cross term (``tied.py``). Any other parameter held by two modules, or a module called twice (the reward and DPO stages run chosen and rejected responses through two
-forwards, so that a pair is clipped as one unit). Those modules go through Opacus's fast gradient clipping
-instead: per-example gradients of that one module, summed over its uses, then their norm (memory of one
-layer's per-example gradients at a time, where hook mode holds all layers'). transformers' ``Conv1D`` (GPT-2's projections, ``y = x W + b``) gets Opacus's linear norm sampler:
-the norm of ``Wᵀ``'s gradient is that of ``W``'s.
+A parameter used twice in a step gets no Opacus ghost norm, because the norms of its two uses do not add
+up to the norm of its gradient. An embedding tied to an output layer (GPT-2's ``wte`` = ``lm_head``) gets
+the exact norm with the cross term (``tied.py``). Any other parameter held by two modules, and any module
+called twice (the reward and DPO stages run chosen and rejected responses through two forwards, so that a
+pair is clipped as one unit), go through Opacus's fast gradient clipping instead: per-example gradients of
+that one module, summed over its uses, then their norm (one layer's per-example gradients at a time, where
+hook mode holds all layers'). transformers' ``Conv1D`` (GPT-2's projections, ``y = x W + b``) gets Opacus's
+linear norm sampler: the norm of ``Wᵀ``'s gradient is that of ``W``'s.
 """
 
 from __future__ import annotations
@@ -33,13 +34,18 @@ from opacus.grad_sample import GradSampleHooksFastGradientClipping, register_nor
 from opacus.grad_sample.linear import compute_linear_norm_sample
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _generate_noise
-from opacus.utils.module_utils import trainable_modules, trainable_parameters
+from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lit_dprl.privacy.optimizers import _DPChecks
 from lit_dprl.privacy.refusals import DPConfigurationError
-from lit_dprl.privacy.tied import logit_gradients_at_inputs, tied_cross_term, tied_embedding_partners
+from lit_dprl.privacy.tied import (
+    logit_gradients_at_inputs,
+    parameter_holders,
+    tied_cross_term,
+    tied_embedding_partners,
+)
 
 PER_EXAMPLE_LOSS = "per_example_loss"
 
@@ -49,11 +55,7 @@ if Conv1D not in GradSampleHooksFastGradientClipping.NORM_SAMPLERS:
 
 def modules_sharing_parameters(model: nn.Module) -> set[nn.Module]:
     """The modules that hold, as their own parameter, a trainable parameter another module holds too."""
-    holders: dict[int, list[nn.Module]] = {}
-    for _, module in trainable_modules(model):
-        for _, parameter in trainable_parameters(module):
-            holders.setdefault(id(parameter), []).append(module)
-    return {module for modules in holders.values() if len(modules) > 1 for module in modules}
+    return {module for modules in parameter_holders(model).values() if len(modules) > 1 for module in modules}
 
 
 def clipping_coefficients(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
@@ -210,8 +212,9 @@ def per_example_losses(output: Any) -> torch.Tensor:
         )
     if loss is not None and not torch.allclose(loss.detach(), losses.detach().mean(), rtol=1e-4, atol=1e-6):
         raise DPConfigurationError(
-            f"'loss' ({float(loss.detach()):.6g}) is not the mean of '{PER_EXAMPLE_LOSS}' ({float(losses.detach().mean()):.6g}): "
-            "the training loss must be the batch mean of the per-example losses"
+            f"'loss' ({float(loss.detach()):.6g}) is not the mean of '{PER_EXAMPLE_LOSS}' "
+            f"({float(losses.detach().mean()):.6g}): the training loss must be the batch mean of the per-example "
+            "losses"
         )
     return losses
 
@@ -228,8 +231,9 @@ def ghost_training_step(
     hooks.start_step()
     output = training_step(batch, *args, **kwargs)
     losses = per_example_losses(output)
-    coefficients = clipping_coefficients(hooks.norm_pass(losses), hooks.max_grad_norm).to(losses.dtype)
-    finite = coefficients > 0
+    norms = hooks.norm_pass(losses)
+    coefficients = clipping_coefficients(norms, hooks.max_grad_norm).to(losses.dtype)
+    finite = norms.isfinite()
     optimizer.record_norm_pass(len(losses), int((~finite).sum()), hooks.normed)
     kept = torch.where(finite, losses, torch.zeros_like(losses))  # no 0 × inf from a dropped example
     return {**output, "loss": (coefficients.detach() * kept).sum()}

@@ -16,15 +16,20 @@ from opacus.utils.module_utils import trainable_modules, trainable_parameters
 from torch import Tensor, nn
 
 
-def tied_embedding_partners(model: nn.Module) -> dict[nn.Module, nn.Module]:
-    """``{embedding: linear, linear: embedding}`` for each trainable weight held by exactly one ``nn.Embedding``
-    and one ``nn.Linear`` (as their ``weight``) and by no other module."""
+def parameter_holders(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """``{id(parameter): modules holding it as their own}`` for every trainable parameter of ``model``."""
     holders: dict[int, list[nn.Module]] = {}
     for _, module in trainable_modules(model):
         for _, parameter in trainable_parameters(module):
             holders.setdefault(id(parameter), []).append(module)
+    return holders
+
+
+def tied_embedding_partners(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """``{embedding: linear, linear: embedding}`` for each trainable weight held by exactly one ``nn.Embedding``
+    and one ``nn.Linear`` (as their ``weight``) and by no other module."""
     partners: dict[nn.Module, nn.Module] = {}
-    for modules in holders.values():
+    for modules in parameter_holders(model).values():
         kinds = sorted(modules, key=lambda m: type(m) is nn.Linear)
         if [type(m) for m in kinds] == [nn.Embedding, nn.Linear] and kinds[0].weight is kinds[1].weight:
             partners[kinds[0]], partners[kinds[1]] = kinds[1], kinds[0]
