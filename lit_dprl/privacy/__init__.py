@@ -41,8 +41,8 @@ The report (``privacy.json``) goes into the run's log dir; the stages export it 
 
 Modules: ``callback`` (``DPCallback``, the Lightning wiring), ``patching``, ``refusals``, ``units``, ``sampling``,
 ``randomness``, ``batches``, ``steps``, ``optimizers``, ``ghost`` (with ``tied``), ``budget``, ``accounting``,
-``ledger``, ``summary``, ``report`` (exports), ``audit``. ``DPCallback`` and ``DPConfigurationError`` are imported on first use, so that
-``lit_dprl.privacy.report`` (used by every stage's export) does not load Opacus.
+``ledger``, ``summary``, ``report`` (exports), ``audit``. ``DPCallback`` and ``DPConfigurationError`` are imported
+on first use, so that ``lit_dprl.privacy.report`` (used by every stage's export) does not load Opacus.
 """
 
 from __future__ import annotations
