@@ -225,6 +225,14 @@ def test_ghost_optimizer_refuses_a_non_finite_clipped_sum():
     assert optimizer.non_finite_units == 1
 
 
+class LayerWithBuffer(PerExampleToy):
+    def __init__(self):
+        super().__init__()
+        self.net[0].register_buffer(
+            "running_scale", torch.ones(1)
+        )  # Opacus cannot serve a layer with buffers
+
+
 class NoPerExampleLoss(ToyClassifier):
     def training_step(self, batch, batch_idx):
         return {"loss": super().training_step(batch, batch_idx)}
@@ -246,6 +254,7 @@ class MeanOfOtherLosses(ToyClassifier):
         (NoPerExampleLoss(), {}, "per_example_loss"),
         (MeanOfOtherLosses(), {}, "not the mean"),
         (ToyClassifier(), {"grad_sample_mode": "functorch"}, "'hooks' or 'ghost'"),
+        (LayerWithBuffer(), {}, "ghost clipping cannot serve"),
     ],
     ids=[
         "manual-optimization",
@@ -254,6 +263,7 @@ class MeanOfOtherLosses(ToyClassifier):
         "no-per-example-loss",
         "wrong-mean",
         "mode",
+        "layer-with-buffer",
     ],
 )
 def test_ghost_mode_refuses_what_it_does_not_serve(tmp_path, module, callback_kwargs, message):
