@@ -168,7 +168,7 @@ def fit_tiny(tmp_path: Path, stage: str, mode: str) -> dict:
     return json.loads((export / "privacy.json").read_text())
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
 def test_tiny_stage_trains_in_ghost_mode_through_the_cli_with_hook_modes_epsilon(tmp_path, stage):
     ghost, hooks = fit_tiny(tmp_path, stage, "ghost"), fit_tiny(tmp_path, stage, "hooks")
     assert ghost["steps"] == hooks["steps"] == 3

@@ -6,8 +6,8 @@ One step on a batch of per-example losses ℓ_1..ℓ_B (the training step's ``"p
 1. norm pass: back-propagate Σ_i ℓ_i with Opacus's norm hooks, which compute each example's gradient norm
    ‖g_i‖ layer by layer from activations and output gradients (``‖Σ_t b_t a_tᵀ‖²_F = ⟨b bᵀ, a aᵀ⟩`` for a
    linear layer), never the gradient itself. Only the gradients the hooks need are computed: the pass asks
-   autograd for gradients of the parameters of the modules whose inputs need none, so the large
-   weight-gradient products of the other layers are skipped;
+   autograd for the gradients at the outputs of the modules whose inputs need none (the embeddings, LoRA's
+   first layers), so no weight gradient is formed;
 2. clipping coefficients ``c_i = min(1, C / (‖g_i‖ + 10⁻⁶))`` (Opacus's formula, as in hook mode);
 3. the loss handed back to Lightning is ``Σ_i c_i ℓ_i`` (c detached), whose backward (hooks off) leaves the
    clipped sum ``Σ_i c_i g_i`` in ``p.grad``;
@@ -78,7 +78,7 @@ class GhostNormHooks(GradSampleHooksFastGradientClipping):
         self.tied = tied_embedding_partners(model)
         self._tied_halves: dict[int, dict[str, Any]] = {}  # per tied weight: what its first module left
         self.normed: set[int] = set()  # ids of the parameters the last norm pass gave a norm
-        self._sources: dict[int, nn.Parameter] = {}
+        self._sources: list[torch.Tensor] = []  # where the norm pass's backward may stop
         self._reused: set[nn.Module] = set()  # modules called more than once in this step
 
     @contextmanager
@@ -94,8 +94,10 @@ class GhostNormHooks(GradSampleHooksFastGradientClipping):
     def capture_activations_hook(self, module: nn.Module, forward_input: Any, forward_output: Any) -> None:
         if self.hooks_enabled and torch.is_grad_enabled() and module.training:
             if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in forward_input):
-                # nothing upstream carries this module's output gradient: the norm pass asks for its parameters
-                self._sources.update((id(p), p) for _, p in trainable_parameters(module))
+                # nothing upstream carries this module's output gradient: the norm pass asks for that gradient
+                outputs = forward_output if isinstance(forward_output, tuple) else (forward_output,)
+                outputs = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+                self._sources += outputs or [p for _, p in trainable_parameters(module)]
             if getattr(module, "activations", None):
                 self._reused.add(module)
         with self._routed(module):
@@ -155,7 +157,7 @@ class GhostNormHooks(GradSampleHooksFastGradientClipping):
         """Forget the previous step's norms and sources, and turn the hooks on for the coming forward."""
         for parameter in self.trainable_parameters:
             parameter._norm_sample = None
-        self._sources = {}
+        self._sources = []
         self._reused = set()
         self._tied_halves = {}
         self.normed = set()
@@ -164,9 +166,8 @@ class GhostNormHooks(GradSampleHooksFastGradientClipping):
     def norm_pass(self, losses: torch.Tensor) -> torch.Tensor:
         """‖∇ℓ_i‖ for each row of ``losses``: ``sqrt(Σ_p ‖∇_p ℓ_i‖²)`` over the parameters the loss reached."""
         if self._sources:
-            torch.autograd.grad(
-                losses.sum(), list(self._sources.values()), retain_graph=True, allow_unused=True
-            )
+            torch.autograd.grad(losses.sum(), self._sources, retain_graph=True, allow_unused=True)
+            self._sources = []
         self.disable_hooks()  # the second backward (Lightning's) must not recompute norms
         per_parameter = [
             p._norm_sample for p in self.trainable_parameters if getattr(p, "_norm_sample", None) is not None
@@ -250,6 +251,11 @@ class GhostDPOptimizer(_DPChecks, DPOptimizer):
 
     _pending_units: int = 0
     _normed: frozenset[int] = frozenset()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Free the gradients between steps (Opacus keeps zeros by default): the forward and the norm pass run
+        without them, as a plain torch optimizer's do; ``pre_step`` gives an untouched parameter zeros."""
+        super().zero_grad(set_to_none)
 
     def record_norm_pass(self, units: int, non_finite: int, normed: set[int]) -> None:
         """The norm pass of the coming step clipped ``units`` examples (``non_finite`` dropped)."""
