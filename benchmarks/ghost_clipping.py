@@ -124,12 +124,14 @@ def main() -> None:
     plain_time, plain_peak = statistics.median(times["plain"]), max(peaks["plain"])
     print(f"{args.model}, full fine-tuning, batch {args.batch} x {args.seq} tokens, device {args.device}, "
           f"{args.rounds} rounds x {args.steps} timed steps per mode")  # fmt: skip
-    print("| mode | step (s), median | x non-DP | peak MiB | x non-DP |")
-    print("|---|---|---|---|---|")
+    print("| mode | step (s), median | x non-DP | every timed step (s), by round | peak MiB | x non-DP |")
+    print("|---|---|---|---|---|---|")
     for mode in MODES:
         step_time, peak = statistics.median(times[mode]), max(peaks[mode])
+        every = ", ".join(f"{t:.1f}" for t in times[mode])
         print(
-            f"| {mode} | {step_time:.3f} | {step_time / plain_time:.2f} | {peak:.0f} | {peak / plain_peak:.2f} |"
+            f"| {mode} | {step_time:.3f} | {step_time / plain_time:.2f} | {every} | {peak:.0f} | "
+            f"{peak / plain_peak:.2f} |"
         )
 
 
