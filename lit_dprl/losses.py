@@ -11,6 +11,12 @@ import torch
 import torch.nn.functional as F
 
 
+def training_output(per_example_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A training step's output: ``{"loss": (1/B) Σ_i ℓ_i, "per_example_loss": ℓ}``; the per-example losses
+    are what ``DPCallback(grad_sample_mode="ghost")`` clips (the privacy contract in ``lit_dprl.privacy``)."""
+    return {"loss": per_example_loss.mean(), "per_example_loss": per_example_loss}
+
+
 def masked_row_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-row mean over masked positions: ``sum_t(v[b,t]·m[b,t]) / max(1, sum_t m[b,t])``, shape ``[B]``."""
     mask = mask.to(values.dtype)

@@ -20,6 +20,12 @@ Poisson sampling and privacy accounting. The module and data carry no DP code; t
 7. A module may list settings that would couple examples in ``privacy_hazards() -> list[str]``;
    the callback refuses to run while that list is non-empty. It may describe itself in
    ``privacy_metadata() -> dict``, which the report stores under ``"stage"``.
+8. Under ``grad_sample_mode="ghost"`` (ghost clipping, ``ghost.py``), ``training_step`` returns a dict with
+   ``"loss"`` (the batch mean) and ``"per_example_loss"`` (shape ``[B]``, one loss per row, the loss
+   being their mean; ``lit_dprl.losses.training_output`` builds it). The callback runs the norm pass
+   inside the step and hands Lightning ``Σ_i c_i ℓ_i`` instead of ``"loss"``. Ghost mode needs automatic
+   optimization, one process, ``privacy_unit="row"`` and no ``max_physical_batch_size``; the default
+   ``"hooks"`` mode accepts a plain loss tensor as before.
 
 The privacy unit is a row (``privacy_unit="row"``) or a user (``"user"``): then users are
 Poisson-sampled at q = batch_size / (number of users), so the DataLoader's ``batch_size`` is the
@@ -34,9 +40,10 @@ The report (``privacy.json``) goes into the run's log dir; the stages export it 
 (``report.write_export``).
 
 Modules: ``callback`` (``DPCallback``, the Lightning wiring), ``patching``, ``refusals``, ``units``, ``sampling``,
-``randomness``, ``batches``, ``steps``, ``optimizers``, ``budget``, ``accounting``, ``ledger``, ``summary``,
-``report`` (exports), ``composition`` (several stages), ``audit``. ``DPCallback`` and ``DPConfigurationError`` are imported on first use, so that
-``lit_dprl.privacy.report`` (used by every stage's export) does not load Opacus.
+``randomness``, ``batches``, ``steps``, ``optimizers``, ``ghost`` (with ``tied``), ``budget``, ``accounting``,
+``ledger``, ``summary``, ``report`` (exports), ``composition`` (several stages), ``audit``. ``DPCallback`` and
+``DPConfigurationError`` are imported on first use, so that ``lit_dprl.privacy.report`` (used by every stage's
+export) does not load Opacus.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lit_dprl.privacy import batches, budget, patching, randomness, refusals, summary
+from lit_dprl.privacy import batches, budget, ghost, patching, randomness, refusals, summary
 from lit_dprl.privacy.accounting import batch_noise_multiplier
 from lit_dprl.privacy.ledger import PrivacyLedger
 from lit_dprl.privacy.optimizers import make_dp_optimizer
@@ -65,6 +65,11 @@ class DPCallback(Callback):
         privacy_unit: "row" (one training row) or "user" (all rows sharing ``user_id_field``).
         user_id_field: the dataset's user id column (see ``units.dataset_user_ids``).
         max_rows_per_user: under "user", use at most this many rows of each user (its first ones).
+        grad_sample_mode: "hooks" (Opacus's per-example gradients) or "ghost" (ghost clipping, ``ghost.py``:
+            per-example gradient norms without per-example gradients, then a backward of Σ_i c_i ℓ_i; the same
+            update and ε in less memory). Ghost needs ``training_step`` to return ``"per_example_loss"`` (the
+            contract's item 8), automatic optimization (not PPO/GRPO) on one process, row-level units and no
+            ``max_physical_batch_size``.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class DPCallback(Callback):
         privacy_unit: Literal["row", "user"] = "row",
         user_id_field: str = "user_id",
         max_rows_per_user: int | None = None,
+        grad_sample_mode: Literal["hooks", "ghost"] = "hooks",
     ) -> None:
         refusals.check_arguments(
             target_epsilon=target_epsilon,
@@ -94,6 +100,7 @@ class DPCallback(Callback):
             poisson_sampling=poisson_sampling,
             privacy_unit=privacy_unit,
             max_rows_per_user=max_rows_per_user,
+            grad_sample_mode=grad_sample_mode,
         )
         self._secure_rng = randomness.secure_generator(sampling_seed, noise_seed) if secure_mode else None
         self.target_epsilon = target_epsilon
@@ -110,6 +117,7 @@ class DPCallback(Callback):
         self.privacy_unit = privacy_unit
         self.user_id_field = user_id_field
         self.max_rows_per_user = max_rows_per_user
+        self.grad_sample_mode = grad_sample_mode
         self.report_path: Path | None = None  # where privacy.json was last written
 
         self._noise_multiplier = noise_multiplier
@@ -128,6 +136,7 @@ class DPCallback(Callback):
         self._world_size = 1
         self._report_dir: str | None = None
         self._module: pl.LightningModule | None = None
+        self._ghost_hooks: ghost.GhostNormHooks | None = None
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -160,6 +169,8 @@ class DPCallback(Callback):
         if stage != "fit":
             return
         refusals.refuse_trainer(trainer, pl_module, DPCallback)
+        if self.grad_sample_mode == "ghost":
+            refusals.refuse_ghost_trainer(trainer, pl_module)
         self._world_size = trainer.world_size
         randomness.refuse_secure_mode_across_ranks(self.secure_mode, trainer.world_size)
         self._module = pl_module
@@ -204,6 +215,8 @@ class DPCallback(Callback):
             rank_zero_warn(f"DPCallback: {message}")
 
     def _training_step(self, original: Callable[..., Any], batch: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._ghost_hooks is not None:
+            original = partial(ghost.ghost_training_step, self._ghost_hooks, self._dp_optimizers[0], original)
         return dp_training_step(
             self._module,
             original,
@@ -218,7 +231,11 @@ class DPCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refusals.refuse_unsupported_modules(pl_module)
-        self._unpatch.append(patching.hook_per_example_gradients(pl_module, trainer).cleanup)
+        if self.grad_sample_mode == "ghost":
+            self._ghost_hooks = ghost.hook_norms(pl_module, self.max_grad_norm)
+            self._unpatch += [self._ghost_hooks.cleanup, partial(setattr, self, "_ghost_hooks", None)]
+        else:
+            self._unpatch.append(patching.hook_per_example_gradients(pl_module, trainer).cleanup)
 
     # ------------------------------------------------------------------ train start: σ, optimizers, budget
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -268,6 +285,7 @@ class DPCallback(Callback):
                 distributed=trainer.world_size > 1,
                 generator=generator,
                 secure_mode=self.secure_mode,
+                ghost=self.grad_sample_mode == "ghost",
             )
             for opt in optimizers
         ]
@@ -357,6 +375,7 @@ class DPCallback(Callback):
             self._ledger,
             noise_multiplier=self._noise_multiplier,
             max_grad_norm=self.max_grad_norm,
+            grad_sample_mode=self.grad_sample_mode,
             shape=self._shape,
             poisson_sampling=self.poisson_sampling,
             target_epsilon=self.target_epsilon,

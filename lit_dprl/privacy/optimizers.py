@@ -147,13 +147,18 @@ def make_dp_optimizer(
     distributed: bool,
     generator: torch.Generator | None,
     secure_mode: bool = False,
+    ghost: bool = False,
 ) -> DPOptimizer:
     """Wrap ``optimizer``; the update is ``(Σ clipped + N(0, σ²C²)) / expected_batch_size`` (global batch).
 
     ``secure_mode`` is Opacus's noise that resists floating-point attacks (each coordinate is the sum of
     four Gaussian draws, halved); it needs a cryptographically secure ``generator`` to mean anything.
+    ``ghost``: the gradients arrive clipped and summed (``ghost.GhostDPOptimizer``, one process only).
     """
+    from lit_dprl.privacy.ghost import GhostDPOptimizer  # ghost builds on this module's checks
+
     cls = NoiseOnlyDistributedDPOptimizer if distributed else NoiseOnlyDPOptimizer
+    cls = GhostDPOptimizer if ghost else cls
     return cls(
         optimizer,
         noise_multiplier=noise_multiplier,

@@ -39,6 +39,7 @@ def check_arguments(
     poisson_sampling: bool,
     privacy_unit: str,
     max_rows_per_user: int | None,
+    grad_sample_mode: str = "hooks",
 ) -> None:
     """Refuse DPCallback arguments that are out of range or contradict each other."""
     if (target_epsilon is None) == (noise_multiplier is None):
@@ -66,6 +67,33 @@ def check_arguments(
     if privacy_unit == "user" and not poisson_sampling:
         raise DPConfigurationError(
             "privacy_unit='user' samples users by Poisson sampling: keep poisson_sampling"
+        )
+    if grad_sample_mode not in ("hooks", "ghost"):
+        raise DPConfigurationError(f"grad_sample_mode must be 'hooks' or 'ghost', got {grad_sample_mode!r}")
+    if grad_sample_mode == "ghost" and privacy_unit == "user":
+        raise DPConfigurationError(
+            "grad_sample_mode='ghost' clips one gradient per row and cannot average a user's rows first: "
+            "use grad_sample_mode: hooks with privacy_unit='user'"
+        )
+    if grad_sample_mode == "ghost" and max_physical_batch_size is not None:
+        raise DPConfigurationError(
+            "grad_sample_mode='ghost' does not split batches (it needs no per-example gradients, so a batch "
+            "that fits without DP fits with it): drop max_physical_batch_size, or use grad_sample_mode: hooks"
+        )
+
+
+def refuse_ghost_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Refuse what ``grad_sample_mode='ghost'`` does not serve: manual optimization and several processes."""
+    if not pl_module.automatic_optimization:
+        raise DPConfigurationError(
+            "grad_sample_mode='ghost' needs automatic optimization (the callback runs the norm pass inside "
+            f"training_step and hands Lightning the clipped loss); {type(pl_module).__name__} optimizes "
+            "manually (PPO/GRPO): use grad_sample_mode: hooks"
+        )
+    if trainer.world_size > 1:
+        raise DPConfigurationError(
+            f"grad_sample_mode='ghost' is not tested across processes (world_size={trainer.world_size}): "
+            "use grad_sample_mode: hooks under DDP"
         )
 
 

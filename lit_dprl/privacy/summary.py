@@ -22,6 +22,7 @@ def privacy_report(
     *,
     noise_multiplier: float,
     max_grad_norm: float,
+    grad_sample_mode: str,
     shape: BatchShape,
     poisson_sampling: bool,
     target_epsilon: float | None,
@@ -48,6 +49,7 @@ def privacy_report(
         "minibatches_per_batch": shape.minibatches_per_batch,
         "noisy_steps_per_example_per_batch": k,
         "max_grad_norm": max_grad_norm,
+        "grad_sample_mode": grad_sample_mode,
         **ledger.report_fields(data.delta),
         "mechanism": ledger.mechanism()
         + f"; each batch is {k} steps of Gaussian(σ={sigma:.6g}) at sensitivity "

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lit_dprl.losses import training_output
 from lit_dprl.models import (
     add_lora,
     check_data_matches_model,
@@ -112,12 +113,12 @@ class ClassifierModule(L.LightningModule):
         logits = self(batch["input_ids"], batch["attention_mask"])
         return logits, F.cross_entropy(logits, batch["labels"], reduction="none")
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Mean over the batch of per-example cross-entropies."""
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Mean over the batch of per-example cross-entropies, and those cross-entropies."""
         _, losses = self.example_losses(batch)
-        loss = losses.mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=losses.shape[0])
-        return loss
+        output = training_output(losses)
+        self.log("train/loss", output["loss"], prog_bar=True, batch_size=losses.shape[0])
+        return output
 
     def on_validation_epoch_start(self) -> None:
         """Start the epoch's metrics afresh (see ``SFTModule.on_validation_epoch_start``)."""

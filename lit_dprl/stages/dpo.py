@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import PreTrainedModel
 
-from lit_dprl.losses import dpo_sigmoid_loss, ipo_loss, robust_dpo_loss, sequence_logprob
+from lit_dprl.losses import dpo_sigmoid_loss, ipo_loss, robust_dpo_loss, sequence_logprob, training_output
 from lit_dprl.models import (
     add_lora,
     check_data_matches_model,
@@ -240,16 +240,18 @@ class DPOModule(L.LightningModule):
         )
         return losses, metrics
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Mean over the batch of per-pair losses (one pair = one privacy unit)."""
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Mean over the batch of per-pair losses (one pair = one privacy unit), and those losses."""
         losses, metrics = self.pair_losses(batch)
-        loss = losses.mean()
+        output = training_output(losses)
         batch_size = losses.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log(
+            "train/loss", output["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size
+        )
         self.log_dict(
             {f"train/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=True, batch_size=batch_size
         )
-        return loss
+        return output
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Validation loss and metrics, averaged over the epoch's pairs."""

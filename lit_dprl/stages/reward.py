@@ -19,7 +19,7 @@ import torch
 import torchmetrics
 
 from lit_dprl.data.files import load_local_dataset, require_columns
-from lit_dprl.losses import bradley_terry_loss
+from lit_dprl.losses import bradley_terry_loss, training_output
 from lit_dprl.models import (
     add_lora,
     check_data_matches_model,
@@ -170,14 +170,17 @@ class RewardModule(L.LightningModule):
         reward_rejected = self(batch["rejected_input_ids"], batch["rejected_attention_mask"])
         return reward_chosen, reward_rejected
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Mean over the batch of per-pair Bradley-Terry losses (one pair = one privacy unit), and those losses."""
         reward_chosen, reward_rejected = self.pair_rewards(batch)
-        loss = bradley_terry_loss(reward_chosen, reward_rejected).mean()
+        output = training_output(bradley_terry_loss(reward_chosen, reward_rejected))
         batch_size = reward_chosen.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log(
+            "train/loss", output["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size
+        )
         metrics = self.train_metrics(reward_chosen, reward_rejected)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=batch_size)
-        return loss
+        return output
 
     def on_train_epoch_end(self) -> None:
         if self.train_metrics.accuracy.update_count:

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from lit_dprl.losses import causal_lm_sequence_loss
+from lit_dprl.losses import causal_lm_sequence_loss, training_output
 from lit_dprl.models import (
     add_lora,
     check_data_matches_model,
@@ -103,11 +103,11 @@ class SFTModule(L.LightningModule):
         ).logits
         return causal_lm_sequence_loss(logits, batch["input_ids"], batch["loss_mask"])
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Mean over the batch of per-sequence losses (one row = one privacy unit)."""
-        loss = self.sequence_losses(batch).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Mean over the batch of per-sequence losses (one row = one privacy unit), and those losses."""
+        output = training_output(self.sequence_losses(batch))
+        self.log("train/loss", output["loss"], prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return output
 
     def on_validation_epoch_start(self) -> None:
         """Start the epoch's metrics afresh, as tensors of the current grad mode: states reset under
