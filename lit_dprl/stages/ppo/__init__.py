@@ -5,3 +5,5 @@ hyperparameters and declares what they mean for privacy. ``class_path: lit_dprl.
 from lit_dprl.stages.ppo.module import PPOModule
 
 __all__ = ["PPOModule"]
+
+PPOModule.__module__ = __name__  # reports, configs and checkpoints name it by its public path
