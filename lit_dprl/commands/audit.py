@@ -4,8 +4,11 @@ The stage is built from its YAML by the same LightningCLI as ``fit`` (so the sam
 sampler and accountant), m canaries are made, each is added to the stage's private training set
 independently with probability ½ (the coins stay secret until scoring), the stage trains, every canary is
 scored, and ``lit_dprl.privacy.audit.one_run_audit`` turns the scores into ε_emp (Steinke, Nasr &
-Jagielski 2023). Black-box canaries, scored by the change the training made to the model's view of them
-(score = statistic after training − statistic at initialisation, higher = more likely a member). The canary
+Jagielski 2023). Two ways to score a canary (``--mode``; ``audit.json`` says which), both higher = more likely
+a member: ``black-box`` (default), the change the training made to the model's view of it (score = statistic
+after training − statistic at initialisation); ``white-box``, the whole update projected on the canary's own
+gradient at initialisation (score = ⟨θ_final − θ_init, ∇s_i(θ_init)⟩ / ‖∇s_i(θ_init)‖ over the trainable
+parameters; ``audit_whitebox``, which also gives its memory cost). The canary
 kind is picked by the stage's module (``canaries_for``; the kinds live in ``audit_canaries`` and
 ``audit_prompts``, the stages hold no audit code):
 
@@ -40,6 +43,7 @@ import math
 import secrets
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lit_dprl.commands.audit_canaries import Canaries, DPOCanaries, PreferenceCanaries, TextCanaries
 from lit_dprl.commands.audit_prompts import PromptCanaries
+from lit_dprl.commands.audit_whitebox import InitialGradients, white_box_score_name
 from lit_dprl.commands.fit import main as lightning_cli
 from lit_dprl.data.preferences import PreferenceDataModule
 from lit_dprl.data.prompts import PromptDataModule
@@ -60,6 +65,7 @@ from lit_dprl.privacy.audit import AuditResult, one_run_audit
 AUDIT_NAME = "audit.json"
 PLOT_NAME = "audit_scores.png"
 LARGE_DELTA_TERM = 0.01  # 2mδ above this weakens the bound noticeably
+MODES = ("black-box", "white-box")
 
 
 # (module method that picks the kind, data module it needs, canary kind), tried in order
@@ -153,6 +159,15 @@ def plot_scores(
     plt.close(figure)
 
 
+def scorer(mode: str, module: pl.LightningModule, kind: Canaries, rows: list) -> Callable[[], np.ndarray]:
+    """Record at initialisation what ``mode``'s score needs; the returned function gives the scores after
+    training: black-box s_i(θ_final) − s_i(θ_init), white-box ⟨θ_final − θ_init, ∇s_i(θ_init)⟩ / ‖∇s_i(θ_init)‖."""
+    if mode == "white-box":
+        return InitialGradients.capture(module, kind, rows).scores
+    before = kind.statistic(rows)
+    return lambda: kind.statistic(rows) - before
+
+
 def run_audit(
     config_args: list[str],
     out: Path,
@@ -162,11 +177,14 @@ def run_audit(
     delta: float | None = None,
     seed: int | None = None,
     break_noise: float | None = None,
+    mode: str = "black-box",
 ) -> dict[str, Any]:
     """Train the stage of ``config_args`` (LightningCLI arguments, no subcommand) with canaries; write and
     return the audit (see the module docstring)."""
     if canaries < 2:
         raise ValueError(f"--canaries must be at least 2, got {canaries}")
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     refusal = "--break-noise plants a bug in DP training: it needs a DPCallback and no --non-private"
     if break_noise is not None and non_private:
         raise ValueError(refusal)
@@ -187,7 +205,7 @@ def run_audit(
     rows = kind.make(rng, canaries)
     included = rng.random(canaries) < 0.5
     kind.insert([row for row, keep in zip(rows, included, strict=True) if keep])
-    before = kind.statistic(rows)
+    scores_after_training = scorer(mode, module, kind, rows)
 
     configured_delta = dp.target_delta if dp is not None else None
     if non_private and dp is not None:
@@ -196,7 +214,7 @@ def run_audit(
     if break_noise is not None:
         trainer.callbacks = [*trainer.callbacks, DivideNoise(break_noise)]
     trainer.fit(module, datamodule=datamodule)
-    scores = kind.statistic(rows) - before
+    scores = scores_after_training()
 
     if delta is None:
         train_size = len(trainer.train_dataloader.dataset)
@@ -208,8 +226,8 @@ def run_audit(
         **result.as_dict(),
         "epsilon_claimed": claimed,
         "violation": result.epsilon_lower_bound > claimed,
-        "mode": "black-box",
-        "score": kind.score_name,
+        "mode": mode,
+        "score": kind.score_name if mode == "black-box" else white_box_score_name(kind.statistic_name),
         "stage": f"{type(module).__module__}.{type(module).__name__}",
         "differentially_private": dp is not None,
         "planted_bug": None
@@ -242,7 +260,8 @@ def run_audit(
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    """``lit-dprl audit --config STAGE.yaml [--canaries M] [--non-private] [--out DIR] [-- LightningCLI args]``."""
+    """``lit-dprl audit --config STAGE.yaml [--canaries M] [--mode MODE] [--non-private] [--out DIR] [--
+    LightningCLI args]``."""
     argv = sys.argv[1:] if args is None else list(args)
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(
@@ -267,6 +286,13 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="δ of the audit (default: the run's δ; the claim is recomputed).",
     )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="black-box",
+        help="Score canaries by their statistic's change (black-box, default) or by the training update "
+        "projected on their gradient at initialisation (white-box).",
+    )
     parser.add_argument("--seed", type=int, default=None, help="Fix the canaries and coins (tests only).")
     parser.add_argument(
         "--break-noise",
@@ -287,4 +313,5 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         delta=ns.delta,
         seed=ns.seed,
         break_noise=ns.break_noise,
+        mode=ns.mode,
     )
