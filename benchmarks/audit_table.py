@@ -2,14 +2,17 @@
 
     python benchmarks/audit_table.py                                  # the full grid -> docs/audit.md
     python benchmarks/audit_table.py --stages sft,reward --quick      # smoke check -> runs/audit-table/audit.md
+    python benchmarks/audit_table.py --stages sft,grpo --runs non-private,eps1 --mode white-box --doc OUT.md
 
 Every row is one ``python -m lit_dprl audit`` run (a subprocess, secret canary coins) of a tiny stage config
 with the overrides that give the audit power where it has any (many passes over a small private set, every
 weight trained, δ = 1e-5), at ε ∈ {1, 4, 8}, without DP (the power check: a stage whose canaries are not
 detected even then says nothing with its DP rows) and with a planted bug (``--break-noise 100`` at ε = 1: the
 noise is divided by 100 while ε = 1 is still reported, which the audit must flag). Each run writes
-``OUT/STAGE/RUN/audit.json`` (the audit's own output), ``audit.log`` and ``table_run.json`` (command, wall
-time); a run whose three files are there and whose audit matches the requested arguments is reused, so an
+``OUT/STAGE/RUN/audit.json`` (``OUT/STAGE/RUN-white-box/`` with ``--mode white-box``: canaries scored by the
+update along their gradient at initialisation instead of by their statistic's change), ``audit.log`` and
+``table_run.json`` (command, wall time); a run whose three files are there and whose audit matches the
+requested arguments and mode is reused, so an
 interrupted table resumes (``--rerun`` runs everything again). The table and a plain reading computed from
 the measurements go to ``--doc``.
 """
@@ -51,6 +54,7 @@ REQUIRED_KEYS = (
     "epsilon_max_detectable",
     "violation",
     "arguments",
+    "mode",
 )
 # every run: no progress output, no validation (the audit scores its canaries itself), δ well below 1/(2m)
 COMMON = (
@@ -175,9 +179,13 @@ def config_args(stage: Stage, run: Run, quick: bool) -> list[str]:
     return args
 
 
-def audit_command(stage: Stage, run: Run, canaries: int, folder: Path, quick: bool) -> list[str]:
+def audit_command(
+    stage: Stage, run: Run, canaries: int, folder: Path, quick: bool, mode: str = "black-box"
+) -> list[str]:
     """``python -m lit_dprl audit ...`` for one run (the interpreter is the running one)."""
     flags = ["--canaries", str(canaries), "--out", str(folder)]
+    if mode != "black-box":
+        flags += ["--mode", mode]
     if run.non_private:
         flags.append("--non-private")
     if run.break_noise is not None:
@@ -191,15 +199,19 @@ def shown(command: list[str]) -> str:
     return shlex.join(["python", *command[1:]])
 
 
-def reusable(folder: Path, expected_args: list[str], canaries: int) -> tuple[dict[str, Any], float] | None:
-    """The audit and wall time of a complete earlier run of the same arguments in ``folder``, else None."""
+def reusable(
+    folder: Path, expected_args: list[str], canaries: int, mode: str = "black-box"
+) -> tuple[dict[str, Any], float] | None:
+    """The audit and wall time of a complete earlier run of the same arguments and mode in ``folder``, else
+    None."""
     try:
         audit = json.loads((folder / AUDIT_NAME).read_text())
         meta = json.loads((folder / META_NAME).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     complete = all(key in audit for key in REQUIRED_KEYS) and "wall_s" in meta
-    if not complete or audit["arguments"] != expected_args or audit["canaries"] != canaries:
+    same = audit["arguments"] == expected_args and audit["canaries"] == canaries and audit["mode"] == mode
+    if not complete or not same:
         return None
     return audit, float(meta["wall_s"])
 
@@ -225,16 +237,29 @@ def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def run_folder(out: Path, stage: Stage, run: Run, mode: str) -> Path:
+    """``OUT/STAGE/RUN``, with a ``-white-box`` suffix for a white-box run."""
+    return out / stage.key / (run.key if mode == "black-box" else f"{run.key}-{mode}")
+
+
 def run_grid(
-    stages: list[Stage], canaries: int, out: Path, quick: bool, rerun: bool, threads: int
+    stages: list[Stage],
+    canaries: int,
+    out: Path,
+    quick: bool,
+    rerun: bool,
+    threads: int,
+    mode: str = "black-box",
+    only: set[str] | None = None,
 ) -> list[Row]:
-    """Every run of ``stages``, reusing complete earlier runs unless ``rerun``."""
+    """Every run of ``stages`` (those of ``only`` if given) in ``mode``, reusing complete earlier runs unless
+    ``rerun``."""
     rows = []
     for stage in stages:
-        for run in (RUNS[key] for key in stage.runs):
-            folder = out / stage.key / run.key
-            command = audit_command(stage, run, canaries, folder, quick)
-            earlier = None if rerun else reusable(folder, config_args(stage, run, quick), canaries)
+        for run in (RUNS[key] for key in stage.runs if only is None or key in only):
+            folder = run_folder(out, stage, run, mode)
+            command = audit_command(stage, run, canaries, folder, quick, mode)
+            earlier = None if rerun else reusable(folder, config_args(stage, run, quick), canaries, mode)
             audit, wall_s = earlier or execute(command, folder, threads)
             status = "reused" if earlier else ("done" if audit else f"FAILED (see {folder / LOG_NAME})")
             bound = f"ε_emp = {audit['epsilon_lower_bound']:.2f}" if audit else ""
@@ -252,9 +277,10 @@ def table_line(row: Row) -> str:
     """One Markdown table row (dashes for a failed run)."""
     head = [f"`{row.stage.key}`", row.run.label]
     if row.audit is None:
-        return "| " + " | ".join([*head, *["—"] * 8, "failed"]) + " |"
+        return "| " + " | ".join([*head, *["—"] * 9, "failed"]) + " |"
     a = row.audit
     cells = [
+        a["mode"],
         number(a["epsilon_claimed"]),
         f"**{number(a['epsilon_lower_bound'])}**",
         str(a["canaries"]),
@@ -273,10 +299,10 @@ def table(rows: list[Row]) -> list[str]:
     confidences = {row.audit["confidence"] for row in rows if row.audit}
     level = "/".join(f"{c:.0%}".replace("%", " %") for c in sorted(confidences)) or "95 %"
     header = (
-        f"| stage | run | ε claimed | ε_emp ({level}) | m | included | guesses | correct | max detectable ε "
-        "| flagged? (ε_emp > ε claimed) | wall time |"
+        f"| stage | run | mode | ε claimed | ε_emp ({level}) | m | included | guesses | correct | max detectable "
+        "ε | flagged? (ε_emp > ε claimed) | wall time |"
     )
-    return [header, "|" + "---|" * 11, *(table_line(row) for row in rows)]
+    return [header, "|" + "---|" * 12, *(table_line(row) for row in rows)]
 
 
 def power_sentence(public: dict[str, Any] | None) -> str:
@@ -427,12 +453,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"Smoke check: {QUICK_STEPS} steps, m = {QUICK_CANARIES}, doc to OUT/audit.md.",
     )
+    parser.add_argument(
+        "--runs", default=None, help=f"Comma-separated, of {', '.join(RUNS)} (default: each stage's own)."
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("black-box", "white-box"),
+        default="black-box",
+        help="How the audits score their canaries (lit-dprl audit --mode; default black-box).",
+    )
     parser.add_argument("--rerun", action="store_true", help="Rerun runs whose audit.json is already there.")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (default 1).")
     ns = parser.parse_args(argv)
     unknown = [key for key in ns.stages.split(",") if key not in STAGES]
     if unknown:
         parser.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    unknown_runs = [key for key in (ns.runs or "").split(",") if key and key not in RUNS]
+    if unknown_runs:
+        parser.error(f"unknown runs {unknown_runs}; choose from {list(RUNS)}")
     return ns
 
 
@@ -446,7 +484,8 @@ def main(argv: list[str] | None = None) -> Path:
         ["python", "benchmarks/audit_table.py", *(sys.argv[1:] if argv is None else argv)]
     )
     machine = machine_note(ns.threads)
-    rows = run_grid(stages, canaries, ns.out, ns.quick, ns.rerun, ns.threads)
+    only = set(ns.runs.split(",")) if ns.runs else None
+    rows = run_grid(stages, canaries, ns.out, ns.quick, ns.rerun, ns.threads, ns.mode, only)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(render(rows, invocation, machine, now().date().isoformat(), ns.quick))
     print(f"wrote {doc}")

@@ -1,13 +1,15 @@
 """Canaries of the supervised stages for ``lit-dprl audit``: DP-SFT, the reward model and DP-DPO.
 
 Each kind makes random canaries, inserts the included ones into the stage's training set, and computes a
-membership statistic per canary (higher = the model fits the canary better); the audit's score is the
-statistic after training minus the statistic before.
+membership statistic per canary (higher = the model fits the canary better). ``statistic_tensor`` computes it
+differentiably (the white-box audit takes its gradient); ``statistic`` is the same code under no_grad, in chunks
+(the black-box audit's score is the statistic after training minus the statistic before).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import lightning.pytorch as pl
@@ -26,13 +28,17 @@ RESPONSE_TOKENS = 32
 
 class Canaries(Protocol):
     """A stage's canary kind: ``make`` draws canaries, ``insert`` adds the included ones to the training set,
-    ``statistic`` is the per-canary membership statistic (higher = fits the canary better)."""
+    ``statistic_tensor`` is the per-canary membership statistic (higher = fits the canary better) as a tensor
+    with grad, ``statistic`` the same as float64 numbers, computed in chunks without grad."""
 
-    score_name: str
+    score_name: str  # the black-box score in words
+    statistic_name: str  # the statistic s in symbols
 
     def make(self, rng: np.random.Generator, count: int) -> list[dict[str, list[int]]]: ...
 
     def insert(self, rows: list[dict[str, list[int]]]) -> None: ...
+
+    def statistic_tensor(self, rows: list[dict[str, list[int]]]) -> torch.Tensor: ...
 
     def statistic(self, rows: list[dict[str, list[int]]]) -> np.ndarray: ...
 
@@ -48,15 +54,22 @@ def plain_vocabulary(tokenizer) -> np.ndarray:
     return np.array([i for i in range(len(tokenizer)) if i not in special])
 
 
-@torch.no_grad()
-def batched(module: pl.LightningModule, rows: list, statistic: Callable[[list], torch.Tensor]) -> np.ndarray:
-    """``statistic`` of ``rows`` in chunks of ``SCORING_BATCH``, as float64, with the module in eval mode."""
+@contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (no dropout) inside the block, its own mode restored after."""
     training = module.training
     module.eval()
     try:
-        values = [statistic(rows[i : i + SCORING_BATCH]) for i in range(0, len(rows), SCORING_BATCH)]
+        yield
     finally:
         module.train(training)
+
+
+@torch.no_grad()
+def batched(module: pl.LightningModule, rows: list, statistic: Callable[[list], torch.Tensor]) -> np.ndarray:
+    """``statistic`` of ``rows`` in chunks of ``SCORING_BATCH``, as float64, with the module in eval mode."""
+    with evaluating(module):
+        values = [statistic(rows[i : i + SCORING_BATCH]) for i in range(0, len(rows), SCORING_BATCH)]
     return torch.cat(values).double().cpu().numpy()
 
 
@@ -66,6 +79,7 @@ class TextCanaries:
     Statistic: minus the row's mean NLL (``SFTModule.sequence_losses``)."""
 
     score_name = "loss drop: mean NLL at initialisation − after training"
+    statistic_name = "−(mean NLL)"
 
     def __init__(self, datamodule: TextDataModule, module: pl.LightningModule) -> None:
         if not hasattr(module, "sequence_losses"):
@@ -87,14 +101,13 @@ class TextCanaries:
         train = self.datamodule.train_set
         self.datamodule.train_set = concatenate_datasets([train, extra.cast(train.features)])
 
+    def statistic_tensor(self, rows: list[dict[str, list[int]]]) -> torch.Tensor:
+        """``−(mean NLL)`` of each row, ``[len(rows)]``."""
+        batch = {k: v.to(self.module.device) for k, v in self.datamodule.collate()(rows).items()}
+        return -self.module.sequence_losses(batch)
+
     def statistic(self, rows: list[dict[str, list[int]]]) -> np.ndarray:
-        collate = self.datamodule.collate()
-
-        def negative_loss(chunk: list) -> torch.Tensor:
-            batch = {k: v.to(self.module.device) for k, v in collate(chunk).items()}
-            return -self.module.sequence_losses(batch)
-
-        return batched(self.module, rows, negative_loss)
+        return batched(self.module, rows, self.statistic_tensor)
 
 
 class PreferenceCanaries:
@@ -103,6 +116,7 @@ class PreferenceCanaries:
     Statistic: the margin r(prompt + chosen) − r(prompt + rejected) (``RewardModule.pair_rewards``)."""
 
     score_name = "margin gain: r(chosen) − r(rejected) after training − at initialisation"
+    statistic_name = "r(chosen) − r(rejected)"
     required_method = "pair_rewards"
 
     def __init__(self, datamodule: PreferenceDataModule, module: pl.LightningModule) -> None:
@@ -142,15 +156,13 @@ class PreferenceCanaries:
         chosen, rejected = self.module.pair_rewards(batch)
         return chosen - rejected
 
+    def statistic_tensor(self, rows: list[dict[str, list[int]]]) -> torch.Tensor:
+        """``margin`` of each canary pair, ``[len(rows)]``."""
+        batch = collate_preference_batch(rows, self.datamodule.tokenizer.pad_token_id)
+        return self.margin({k: v.to(self.module.device) for k, v in batch.items()})
+
     def statistic(self, rows: list[dict[str, list[int]]]) -> np.ndarray:
-        pad = self.datamodule.tokenizer.pad_token_id
-
-        def chunk_margin(chunk: list) -> torch.Tensor:
-            return self.margin(
-                {k: v.to(self.module.device) for k, v in collate_preference_batch(chunk, pad).items()}
-            )
-
-        return batched(self.module, rows, chunk_margin)
+        return batched(self.module, rows, self.statistic_tensor)
 
 
 class DPOCanaries(PreferenceCanaries):
@@ -162,6 +174,7 @@ class DPOCanaries(PreferenceCanaries):
     with the response tokens of ``lit_dprl.stages.dpo.response_masks`` and ``DPOModule.pair_logprobs``."""
 
     score_name = "implicit reward margin gain: β·(Δ_chosen − Δ_rejected) after training − at initialisation"
+    statistic_name = "β·(Δ_chosen − Δ_rejected)"
     required_method = "pair_logprobs"
 
     def margin(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -140,6 +140,7 @@ class PromptCanaries:
         "gain over training of log π(T | canary prompt) − mean log π(T | control prompt), T the canary's "
         "secret first-token targets"
     )
+    statistic_name = "log π(T | canary prompt) − mean log π(T | control prompt)"
 
     def __init__(self, datamodule: PromptDataModule, module: pl.LightningModule) -> None:
         if not (hasattr(module, "policy") and hasattr(module, "reward")):
@@ -195,17 +196,18 @@ class PromptCanaries:
         universe = frozenset(int(t) for t in self.universe)
         self.module.reward = PlantedReward(self.module.reward, self.tokenizer, targets, universe)
 
-    def statistic(self, rows: list[dict[str, list[int]]]) -> np.ndarray:
-        """``contrast_statistic`` of every canary against the control prompts."""
-        pad = self.tokenizer.pad_token_id
+    def first_token_logq(self, rows: list[dict[str, list[int]]]) -> torch.Tensor:
+        """``first_token_logprobs`` of the prompts of ``rows``, ``[len(rows), V]``."""
+        batch = collate_prompts(rows, self.tokenizer.pad_token_id)
+        return first_token_logprobs(self.module, {k: v.to(self.module.device) for k, v in batch.items()})
 
-        def chunk_logprobs(chunk: list) -> torch.Tensor:
-            batch = {k: v.to(self.module.device) for k, v in collate_prompts(chunk, pad).items()}
-            return first_token_logprobs(self.module, batch)
-
-        canary_logq = torch.from_numpy(batched(self.module, rows, chunk_logprobs))
-        control_logq = torch.from_numpy(batched(self.module, self.controls, chunk_logprobs))
+    def statistic_tensor(self, rows: list[dict[str, list[int]]]) -> torch.Tensor:
+        """``contrast_statistic`` of each canary of ``rows`` against the control prompts, ``[len(rows)]``."""
+        canary_logq = self.first_token_logq(rows)
         targets = torch.zeros_like(canary_logq, dtype=torch.bool)
         for i, row in enumerate(rows):
             targets[i, row["targets"]] = True
-        return contrast_statistic(canary_logq, control_logq, targets).numpy()
+        return contrast_statistic(canary_logq, self.first_token_logq(self.controls), targets)
+
+    def statistic(self, rows: list[dict[str, list[int]]]) -> np.ndarray:
+        return batched(self.module, rows, self.statistic_tensor)
