@@ -40,6 +40,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
+from lit_dprl.__main__ import flush_denormals
 from lit_dprl.data.prompts import PromptDataModule
 from lit_dprl.models import build_tiny_gpt2, gpt2_tokenizer
 from lit_dprl.privacy import DPCallback
@@ -174,6 +175,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     warnings.filterwarnings("ignore")
+    flush_denormals()  # as the lit-dprl command does
     torch.manual_seed(0)
     options, batch = grpo_settings(args.grpo) if args.grpo else ({}, 16)
     if args.adapter == "lora":
