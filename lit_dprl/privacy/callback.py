@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lit_dprl.privacy import batches, budget, ghost, patching, randomness, refusals, summary
+from lit_dprl.privacy import batches, budget, fsdp, ghost, patching, randomness, refusals, summary
 from lit_dprl.privacy.accounting import batch_noise_multiplier
 from lit_dprl.privacy.ledger import PrivacyLedger
 from lit_dprl.privacy.optimizers import make_dp_optimizer
@@ -68,8 +68,8 @@ class DPCallback(Callback):
         grad_sample_mode: "hooks" (Opacus's per-example gradients) or "ghost" (ghost clipping, ``ghost.py``:
             per-example gradient norms without per-example gradients, then a backward of Σ_i c_i ℓ_i; the same
             update and ε in less memory). Ghost needs ``training_step`` to return ``"per_example_loss"`` (the
-            contract's item 8), automatic optimization (not PPO/GRPO) on one process, row-level units and no
-            ``max_physical_batch_size``.
+            contract's item 8), automatic optimization (not PPO/GRPO) on one process or FSDP (``fsdp.py``; not DDP),
+            row-level units and no ``max_physical_batch_size``.
     """
 
     def __init__(
@@ -133,10 +133,11 @@ class DPCallback(Callback):
         self._row_units: list[int] | None = None
         self._stopped_by_budget = False
         self._unpatch: list[patching.Undo] = []
-        self._world_size = 1
+        self._world_size, self._strategy = 1, None
         self._report_dir: str | None = None
         self._module: pl.LightningModule | None = None
         self._ghost_hooks: ghost.GhostNormHooks | None = None
+        self._sharded: Any = None  # under FSDP: the zero-row batch a rank with an empty share runs (fsdp.py)
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -171,7 +172,9 @@ class DPCallback(Callback):
         refusals.refuse_trainer(trainer, pl_module, DPCallback)
         if self.grad_sample_mode == "ghost":
             refusals.refuse_ghost_trainer(trainer, pl_module)
-        self._world_size = trainer.world_size
+        if fsdp.is_sharded(trainer):
+            fsdp.refuse_sharded_trainer(trainer, self.grad_sample_mode)
+        self._world_size, self._strategy = trainer.world_size, fsdp.strategy_description(trainer)
         randomness.refuse_secure_mode_across_ranks(self.secure_mode, trainer.world_size)
         self._module = pl_module
         self._warnings = []
@@ -183,6 +186,7 @@ class DPCallback(Callback):
 
     def _poisson_loader(self, loader: DataLoader, trainer: pl.Trainer) -> PoissonDataLoader:
         data = self._set_data(loader.dataset, loader.batch_size)
+        self._sharded = fsdp.zero_row_batch(loader) if fsdp.is_sharded(trainer) else None
         drawn = self._restored["batches_drawn"] if self._restored else 0
         self._sampler = randomness.poisson_sampler(
             data, trainer, seed=self.sampling_seed, drawn=drawn, generator=self._secure_rng
@@ -215,6 +219,8 @@ class DPCallback(Callback):
             rank_zero_warn(f"DPCallback: {message}")
 
     def _training_step(self, original: Callable[..., Any], batch: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._sharded is not None:
+            batch = fsdp.fill_empty(batch, self._sharded, self._module.device)
         if self._ghost_hooks is not None:
             original = partial(ghost.ghost_training_step, self._ghost_hooks, self._dp_optimizers[0], original)
         return dp_training_step(
@@ -231,7 +237,12 @@ class DPCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refusals.refuse_unsupported_modules(pl_module)
-        if self.grad_sample_mode == "ghost":
+        if fsdp.is_sharded(trainer):
+            fsdp.refuse_unsharded_parameters(trainer.strategy.optimizers, trainer)
+            self._ghost_hooks = fsdp.hook_norms(pl_module, self.max_grad_norm)
+            self._unpatch += [fsdp.sum_gradients(pl_module), self._ghost_hooks.cleanup]
+            self._unpatch.append(partial(setattr, self, "_ghost_hooks", None))
+        elif self.grad_sample_mode == "ghost":
             self._ghost_hooks = ghost.hook_norms(pl_module, self.max_grad_norm)
             self._unpatch += [self._ghost_hooks.cleanup, partial(setattr, self, "_ghost_hooks", None)]
         else:
@@ -276,8 +287,12 @@ class DPCallback(Callback):
             secure=self._secure_rng,
         )
         local_batch = self._data.batch_size / (self._shape.minibatches_per_batch * trainer.world_size)
+        sharded = fsdp.is_sharded(trainer)
+        make = (
+            partial(fsdp.make_sharded_optimizer, rank=trainer.global_rank) if sharded else make_dp_optimizer
+        )
         self._dp_optimizers = [
-            make_dp_optimizer(
+            make(
                 opt,
                 noise_multiplier=self._noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
@@ -382,6 +397,7 @@ class DPCallback(Callback):
             max_epsilon=self.max_epsilon,
             stopped_by_budget=self._stopped_by_budget,
             world_size=self._world_size,
+            strategy=self._strategy,
             secret_randomness=self.sampling_seed is None and self.noise_seed is None,
             secure_mode=self.secure_mode,
             warnings=self._warnings,

@@ -211,7 +211,11 @@ def per_example_losses(output: Any) -> torch.Tensor:
         raise DPConfigurationError(
             f"'{PER_EXAMPLE_LOSS}' must be a 1-D tensor (one loss per row), got {losses!r}"
         )
-    if loss is not None and not torch.allclose(loss.detach(), losses.detach().mean(), rtol=1e-4, atol=1e-6):
+    if (
+        loss is not None
+        and len(losses)
+        and not torch.allclose(loss.detach(), losses.detach().mean(), rtol=1e-4, atol=1e-6)
+    ):
         raise DPConfigurationError(
             f"'loss' ({float(loss.detach()):.6g}) is not the mean of '{PER_EXAMPLE_LOSS}' "
             f"({float(losses.detach().mean()):.6g}): the training loss must be the batch mean of the per-example "
@@ -263,6 +267,11 @@ class GhostDPOptimizer(_DPChecks, DPOptimizer):
         self.non_finite_units += non_finite
         self._normed = frozenset(normed)
 
+    def _shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of a gradient this process checks and noises: all of it here (``fsdp.py``: its shard)."""
+        return tensor
+
+    @torch.no_grad()
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
         units, normed = self._pending_units, self._normed
         self._pending_units, self._normed = 0, frozenset()
@@ -270,22 +279,21 @@ class GhostDPOptimizer(_DPChecks, DPOptimizer):
         for parameter in self.params:
             if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)  # untouched by the loss, or an empty batch
-            elif id(parameter) not in normed and bool(parameter.grad.any()):
+            elif id(parameter) not in normed and bool(self._shard(parameter.grad).any()):
                 raise RuntimeError(
                     "a parameter received a gradient that the ghost norm pass did not measure, so it would "
                     "not be clipped; use grad_sample_mode: hooks for this module"
                 )
-            if not bool(parameter.grad.isfinite().all()):
+            if not bool(self._shard(parameter.grad).isfinite().all()):
                 raise RuntimeError(
                     "the clipped gradient is not finite: an example with a non-finite loss or activation "
                     "cannot be isolated by ghost clipping; use grad_sample_mode: hooks, which drops it"
                 )
         std = self.noise_multiplier * self.max_grad_norm
         for parameter in self.params:
-            noise = _generate_noise(
-                std, parameter.grad, generator=self.generator, secure_mode=self.secure_mode
-            )
-            parameter.grad.add_(noise).div_(self.expected_batch_size)
+            grad = self._shard(parameter.grad)
+            noise = _generate_noise(std, grad, generator=self.generator, secure_mode=self.secure_mode)
+            grad.add_(noise).div_(self.expected_batch_size)
         if self.step_hook:
             self.step_hook(self)
         self.noisy_steps += 1

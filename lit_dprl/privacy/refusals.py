@@ -8,7 +8,7 @@ import math
 from types import ModuleType
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from opacus.validators import ModuleValidator
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -90,7 +90,7 @@ def refuse_ghost_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
             f"training_step and hands Lightning the clipped loss); {type(pl_module).__name__} optimizes "
             "manually (PPO/GRPO): use grad_sample_mode: hooks"
         )
-    if trainer.world_size > 1:
+    if trainer.world_size > 1 and not isinstance(trainer.strategy, ModelParallelStrategy):
         raise DPConfigurationError(
             f"grad_sample_mode='ghost' is not tested across processes (world_size={trainer.world_size}): "
             "use grad_sample_mode: hooks under DDP"
@@ -122,12 +122,13 @@ def refuse_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, callback_
         )
     strategy = trainer.strategy
     if (
-        not isinstance(strategy, SingleDeviceStrategy | DDPStrategy)
+        not isinstance(strategy, SingleDeviceStrategy | DDPStrategy | ModelParallelStrategy)
         or "fsdp" in type(strategy).__name__.lower()
     ):
         raise DPConfigurationError(
             f"strategy {type(strategy).__name__} is not supported by DPCallback; use a single "
-            "device or strategy='ddp' (or 'ddp_spawn')"
+            "device, strategy='ddp' (or 'ddp_spawn'), or FSDP2 through ModelParallelStrategy with "
+            "grad_sample_mode='ghost'"
         )
     hazards = pl_module.privacy_hazards() if hasattr(pl_module, "privacy_hazards") else []
     if hazards:
