@@ -21,7 +21,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def tiny_data() -> TextDataModule:
-    return TextDataModule(max_length=32, batch_size=16, max_train_examples=64, max_val_examples=16)
+    return TextDataModule(
+        tokenizer="tiny", max_length=32, batch_size=16, max_train_examples=64, max_val_examples=16
+    )
 
 
 @pytest.fixture(scope="module")
