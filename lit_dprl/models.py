@@ -305,7 +305,7 @@ def check_data_matches_model(
         data_source = getattr(getattr(datamodule, "hparams", None), "tokenizer", "?")
         raise ValueError(
             f"the data module's tokenizer ({data_source!r}) differs from the model's ({str(source)!r}); give "
-            "data.init_args.tokenizer the same source as model.init_args.model."
+            "data.init_args.tokenizer the model's source, or leave it unset (it follows model.init_args.model)."
         )
     data_max_length = getattr(datamodule, "max_length", None) or getattr(
         getattr(datamodule, "hparams", None), "max_length", None

@@ -65,7 +65,7 @@ def test_canaries_for_picks_the_statistic_by_the_module():
 
     assert type(canaries_for(data, RewardLike())) is PreferenceCanaries
     with pytest.raises(ValueError, match=r"DPOModule is audited with DPOCanaries.*PromptDataModule"):
-        canaries_for(PromptDataModule(), dpo)
+        canaries_for(PromptDataModule(tokenizer="tiny"), dpo)
     with pytest.raises(ValueError, match="supports the sft, reward, dpo and ppo stages"):
         canaries_for(data, torch.nn.Linear(1, 1))
 

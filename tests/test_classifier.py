@@ -52,7 +52,7 @@ def trainer(max_steps: int) -> L.Trainer:
 @pytest.mark.parametrize("source", ["imdb", "imdb_test"])
 def test_private_imdb_reviews_are_refused_as_training_data(source):
     with pytest.raises(ValueError, match="private IMDb data"):
-        LabelledTextDataModule(source=source)
+        LabelledTextDataModule(tokenizer="tiny", source=source)
 
 
 @pytest.mark.parametrize(
@@ -71,16 +71,18 @@ def test_private_imdb_reviews_are_refused_as_training_data(source):
 def test_bad_local_files_get_clear_errors(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     with pytest.raises(ValueError, match=message):
-        LabelledTextDataModule(source=path, batch_size=2, val_fraction=0.5).setup("fit")
+        LabelledTextDataModule(tokenizer="tiny", source=path, batch_size=2, val_fraction=0.5).setup("fit")
 
 
 def test_missing_file_points_at_the_bundled_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="source='rotten_tomatoes'"):
-        LabelledTextDataModule(source=str(tmp_path / "none.jsonl")).setup("fit")
+        LabelledTextDataModule(tokenizer="tiny", source=str(tmp_path / "none.jsonl")).setup("fit")
 
 
 def test_rotten_tomatoes_batches_are_left_padded():
-    dm = LabelledTextDataModule(max_length=16, batch_size=8, max_train_examples=16, max_val_examples=8)
+    dm = LabelledTextDataModule(
+        tokenizer="tiny", max_length=16, batch_size=8, max_train_examples=16, max_val_examples=8
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 16
@@ -98,7 +100,7 @@ def test_long_texts_keep_their_last_tokens():
 def test_labels_beyond_num_labels_are_refused(tmp_path):
     rows = [{"text": f"text {i}", "label": i % 3} for i in range(12)]
     dm = LabelledTextDataModule(
-        source=write_jsonl(tmp_path / "r.jsonl", rows), batch_size=2, val_fraction=0.5
+        tokenizer="tiny", source=write_jsonl(tmp_path / "r.jsonl", rows), batch_size=2, val_fraction=0.5
     )
     with pytest.raises(ValueError, match="label 2 but the classifier has num_labels=2"):
         trainer(1).fit(ClassifierModule(), dm)
@@ -106,7 +108,9 @@ def test_labels_beyond_num_labels_are_refused(tmp_path):
 
 def test_padded_rows_score_as_they_do_alone():
     module = ClassifierModule().eval()
-    dm = LabelledTextDataModule(max_length=32, batch_size=4, max_train_examples=4, max_val_examples=4)
+    dm = LabelledTextDataModule(
+        tokenizer="tiny", max_length=32, batch_size=4, max_train_examples=4, max_val_examples=4
+    )
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()[0]))
     with torch.no_grad():
@@ -121,7 +125,7 @@ def test_padded_rows_score_as_they_do_alone():
 def trained(tmp_path_factory):
     """A tiny classifier trained on a separable toy labelling, with its data module."""
     path = write_jsonl(tmp_path_factory.mktemp("toy") / "toy.jsonl", toy_rows(160))
-    dm = LabelledTextDataModule(source=path, max_length=32, batch_size=16, val_fraction=0.2)
+    dm = LabelledTextDataModule(tokenizer="tiny", source=path, max_length=32, batch_size=16, val_fraction=0.2)
     module = ClassifierModule(learning_rate=2e-2)
     fit = trainer(40)
     fit.fit(module, dm)

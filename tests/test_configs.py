@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lit_dprl.commands.fit import main
-from lit_dprl.models import SCRATCH, SMOLLM2, TINY
+from lit_dprl.models import SCRATCH, SMOLLM2, TINY, load_causal_lm, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -48,15 +48,25 @@ def test_config_is_valid(config, capsys):
     assert exit_info.value.code in (None, 0)
     resolved = yaml.safe_load(capsys.readouterr().out)
     callbacks = resolved["trainer"].get("callbacks") or []
-    model_args = resolved["model"]["init_args"]
     data_args = resolved["data"]["init_args"]
-    if "tokenizer" in data_args and "model" in model_args:
-        assert data_args["tokenizer"] == model_args["model"], "data.tokenizer must be the model's source"
+    assert data_args.get("tokenizer") is None, "leave data.init_args.tokenizer unset: it follows the model"
     model_class = resolved["model"]["class_path"]
     # public stages train on public data only: the reward classifier, and pretraining on public sentences
     public_stage = model_class.endswith("ClassifierModule") or data_args.get("source") == "rotten_tomatoes"
     if not public_stage:
         assert any(cb["class_path"].endswith("DPCallback") for cb in callbacks), "every private stage uses DP"
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_the_data_module_takes_the_model_tokenizer_unless_one_is_given(tmp_path, stage):
+    export = tmp_path / "export"
+    tokenizer = load_tokenizer(TINY)
+    tokenizer.save_pretrained(export)
+    load_causal_lm(TINY, tokenizer).save_pretrained(export)
+    config = ["--config", str(ROOT / f"configs/tiny/{stage}.yaml"), f"--model.init_args.model={export}"]
+    assert main(config, run=False).datamodule.hparams.tokenizer == str(export)
+    given = main([*config, "--data.init_args.tokenizer=tiny"], run=False)
+    assert given.datamodule.hparams.tokenizer == TINY
 
 
 def tiny_overrides(tmp_path: Path, stage: str) -> list[str]:

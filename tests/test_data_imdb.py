@@ -199,7 +199,7 @@ def test_public_split_is_disjoint_from_test_and_private_sets(reviews):
 
 def test_classifier_trains_on_the_public_imdb_split_and_rotten_tomatoes(reviews):
     splits = split_imdb(reviews, seed=0)
-    data = LabelledTextDataModule(source="imdb_public+rotten_tomatoes", val_fraction=0.1)
+    data = LabelledTextDataModule(tokenizer="tiny", source="imdb_public+rotten_tomatoes", val_fraction=0.1)
     train, validation = data.raw_splits()
     public, sentences = set(splits["public"]["text"]), set(load_rotten_tomatoes()["text"])
     texts = set(train["text"]) | set(validation["text"])
@@ -208,7 +208,7 @@ def test_classifier_trains_on_the_public_imdb_split_and_rotten_tomatoes(reviews)
     assert (
         provenance["public"] and provenance["dataset"] == "bundled public data 'imdb_public+rotten_tomatoes'"
     )
-    only_imdb = LabelledTextDataModule(source="imdb_public")
+    only_imdb = LabelledTextDataModule(tokenizer="tiny", source="imdb_public")
     assert set(only_imdb.raw_splits()[0]["text"]) < public
     with pytest.raises(ValueError, match="unknown public source"):
-        TextDataModule(source="imdb_public+imdb").raw_splits()
+        TextDataModule(tokenizer="tiny", source="imdb_public+imdb").raw_splits()

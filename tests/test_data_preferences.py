@@ -117,7 +117,7 @@ def test_hub_name_is_not_downloaded():
 
 def test_split_smaller_than_batch_size(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [pair(i) for i in range(10)])
-    datamodule = PreferenceDataModule(str(path), val_fraction=0.2, batch_size=9)
+    datamodule = PreferenceDataModule(str(path), tokenizer="tiny", val_fraction=0.2, batch_size=9)
     with pytest.raises(PreferenceDataError, match="training split has 8 pairs, fewer than batch_size=9"):
         datamodule.setup("fit")
 
@@ -133,7 +133,11 @@ def test_truncations_are_counted_and_reported_once(tmp_path):
     rows = [{"prompt": "p" * 30, "chosen": " yes", "rejected": f" n{i}"} for i in range(8)]
     rows += [{"prompt": "short", "chosen": " " + "y" * 40, "rejected": f" n{i}"} for i in range(8, 10)]
     datamodule = PreferenceDataModule(  # distinct pairs (a duplicate is the same unit); 2 of 10 held out
-        str(write_jsonl(tmp_path / "p.jsonl", rows)), max_length=20, batch_size=2, val_fraction=0.2
+        str(write_jsonl(tmp_path / "p.jsonl", rows)),
+        tokenizer="tiny",
+        max_length=20,
+        batch_size=2,
+        val_fraction=0.2,
     )
     with pytest.warns(UserWarning, match=r"18 of 20 sequences .* in 2 of them the response alone") as record:
         datamodule.setup("fit")
@@ -147,7 +151,7 @@ def test_truncations_are_counted_and_reported_once(tmp_path):
 
 def test_datamodule_batches_are_left_padded_pairs(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [pair(i) for i in range(20)])
-    datamodule = PreferenceDataModule(str(path), val_fraction=0.25, batch_size=4, seed=3)
+    datamodule = PreferenceDataModule(str(path), tokenizer="tiny", val_fraction=0.25, batch_size=4, seed=3)
     assert datamodule.dataset_size == 13  # the keyed hash holds out 7 of the 20 pairs
     assert len(datamodule.val_dataset) == 7
     loader = datamodule.train_dataloader()
@@ -228,9 +232,14 @@ def test_removing_an_interior_review_changes_no_other_imdb_pair():
 
 def test_removing_an_interior_pair_keeps_every_other_pairs_split(tmp_path):
     rows = [pair(i) for i in range(60)]
-    full = PreferenceDataModule(str(write_jsonl(tmp_path / "a.jsonl", rows)), val_fraction=0.3, batch_size=2)
+    full = PreferenceDataModule(
+        str(write_jsonl(tmp_path / "a.jsonl", rows)), tokenizer="tiny", val_fraction=0.3, batch_size=2
+    )
     less = PreferenceDataModule(
-        str(write_jsonl(tmp_path / "b.jsonl", rows[:30] + rows[31:])), val_fraction=0.3, batch_size=2
+        str(write_jsonl(tmp_path / "b.jsonl", rows[:30] + rows[31:])),
+        tokenizer="tiny",
+        val_fraction=0.3,
+        batch_size=2,
     )
     full_train, full_val = full._file_rows()
     less_train, less_val = less._file_rows()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -9,7 +10,10 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
+from lit_dprl.data.classification import LabelledTextDataModule
 from lit_dprl.data.imdb import load_imdb_reviews, split_imdb
+from lit_dprl.data.preferences import PreferenceDataModule
+from lit_dprl.data.prompts import PromptDataModule
 from lit_dprl.data.text import TextDataModule, build_example, collate_left_padded, tokenize_examples
 from lit_dprl.models import build_tiny_tokenizer
 
@@ -63,7 +67,13 @@ def test_tokenize_examples_masks_prompt_tokens():
 def test_local_jsonl_with_prompts(tmp_path):
     path = write_jsonl(tmp_path / "tldr.jsonl", pairs(40))
     dm = TextDataModule(
-        source=path, text_field="summary", prompt_field="post", max_length=24, batch_size=4, val_fraction=0.25
+        tokenizer="tiny",
+        source=path,
+        text_field="summary",
+        prompt_field="post",
+        max_length=24,
+        batch_size=4,
+        val_fraction=0.25,
     )
     train, validation = dm.raw_splits()
     assert not set(train["user_id"]) & set(validation["user_id"])  # users are held out whole
@@ -87,14 +97,23 @@ def test_local_csv_and_parquet_load_the_same_rows(tmp_path):
     rows.to_parquet(tmp_path / "reviews.parquet")
     texts = []
     for name in ("reviews.csv", "reviews.parquet"):
-        dm = TextDataModule(source=str(tmp_path / name), batch_size=2, val_fraction=0.2, seed=5)
+        dm = TextDataModule(
+            tokenizer="tiny", source=str(tmp_path / name), batch_size=2, val_fraction=0.2, seed=5
+        )
         dm.setup("fit")
         texts.append(dm.train_set["input_ids"])
     assert texts[0] == texts[1] and len(texts[0]) == 24
 
 
 def test_imdb_source_uses_the_sft_and_test_splits():
-    dm = TextDataModule(source="imdb", max_length=16, batch_size=4, max_train_examples=12, max_val_examples=8)
+    dm = TextDataModule(
+        tokenizer="tiny",
+        source="imdb",
+        max_length=16,
+        batch_size=4,
+        max_train_examples=12,
+        max_val_examples=8,
+    )
     dm.setup("fit")
     assert (dm.dataset_size, len(dm.val_set)) == (12, 8)
     splits = split_imdb(load_imdb_reviews(), seed=0)
@@ -111,9 +130,24 @@ def test_imdb_source_uses_the_sft_and_test_splits():
     )
 
 
+@pytest.mark.parametrize(
+    "module",
+    [
+        TextDataModule,
+        LabelledTextDataModule,
+        PromptDataModule,
+        functools.partial(PreferenceDataModule, "imdb"),
+    ],
+)
+def test_a_data_module_without_tokenizer_asks_for_one_at_setup(module):
+    """Only ``lit-dprl fit`` fills in the model's tokenizer; in Python there is no silent default."""
+    with pytest.raises(ValueError, match=r"has no tokenizer: pass tokenizer=<the model's source>"):
+        module().setup("fit")
+
+
 def test_dataset_size_before_setup_is_an_error():
     with pytest.raises(RuntimeError, match=r"setup\('fit'\)"):
-        _ = TextDataModule().dataset_size
+        _ = TextDataModule(tokenizer="tiny").dataset_size
 
 
 @pytest.mark.parametrize(
@@ -137,7 +171,7 @@ def test_dataset_size_before_setup_is_an_error():
     ],
 )
 def test_bad_columns_and_sizes(tmp_path, kwargs, message):
-    dm = TextDataModule(source=write_jsonl(tmp_path / "rows.jsonl", pairs(40)), **kwargs)
+    dm = TextDataModule(tokenizer="tiny", source=write_jsonl(tmp_path / "rows.jsonl", pairs(40)), **kwargs)
     with pytest.raises(ValueError, match=message):
         dm.setup("fit")
 
@@ -157,14 +191,14 @@ def test_bad_columns_and_sizes(tmp_path, kwargs, message):
 def test_bad_files(tmp_path, name, content, error, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(error, match=message):
-        TextDataModule(source=str(tmp_path / name), batch_size=1).setup("fit")
+        TextDataModule(tokenizer="tiny", source=str(tmp_path / name), batch_size=1).setup("fit")
 
 
 def test_hub_names_and_directories_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Hub datasets are not downloaded.*source='imdb'"):
-        TextDataModule(source="stanfordnlp/imdb").setup("fit")
+        TextDataModule(tokenizer="tiny", source="stanfordnlp/imdb").setup("fit")
     with pytest.raises(ValueError, match="is a directory"):
-        TextDataModule(source=str(tmp_path)).setup("fit")
+        TextDataModule(tokenizer="tiny", source=str(tmp_path)).setup("fit")
 
 
 @pytest.mark.parametrize(
@@ -178,7 +212,7 @@ def test_hub_names_and_directories_are_refused(tmp_path):
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TextDataModule(**kwargs)
+        TextDataModule(tokenizer="tiny", **kwargs)
 
 
 def test_rotten_tomatoes_source_is_the_public_sentences_with_a_held_out_share():
@@ -192,21 +226,21 @@ def test_rotten_tomatoes_source_is_the_public_sentences_with_a_held_out_share():
 
 
 def test_only_public_sources_and_declared_files_report_public_data(tmp_path):
-    public = TextDataModule(source="imdb_public", val_fraction=0.1)
+    public = TextDataModule(tokenizer="tiny", source="imdb_public", val_fraction=0.1)
     train, validation = public.raw_splits()
     assert public.split_provenance()["public"] and len(train) + len(validation) > 6_000
     assert not set(train["text"]) & set(split_imdb(load_imdb_reviews(), seed=0)["test"]["text"])
-    private = TextDataModule(source="imdb")
+    private = TextDataModule(tokenizer="tiny", source="imdb")
     private.raw_splits()
     assert not private.split_provenance()["public"] and private.split_provenance()["split"] == "sft"
     path = write_jsonl(tmp_path / "rows.jsonl", pairs(40))
     for declared in (False, True):
-        data = TextDataModule(source=path, text_field="summary", public_data=declared)
+        data = TextDataModule(tokenizer="tiny", source=path, text_field="summary", public_data=declared)
         data.raw_splits()
         assert data.split_provenance()["public"] is declared
         assert data.split_provenance()["dataset"].startswith(f"file {tmp_path / 'rows.jsonl'} (sha256 ")
     with pytest.raises(ValueError, match="public_data declares a local file public"):
-        TextDataModule(source="imdb", public_data=True)
+        TextDataModule(tokenizer="tiny", source="imdb", public_data=True)
 
 
 def test_a_malformed_jsonl_line_is_reported_by_its_file_line(tmp_path):
@@ -238,11 +272,13 @@ def test_a_row_without_text_is_reported_by_its_file_line_before_any_split(tmp_pa
 
 def test_blank_texts_are_dropped_with_a_warning_and_a_file_of_only_blank_texts_is_refused(tmp_path):
     rows = [{"text": ["", " \n", "\t"][i % 3] if i % 2 else f"review {i}"} for i in range(60)]
-    data = TextDataModule(source=write_jsonl(tmp_path / "rows.jsonl", rows), batch_size=2, val_fraction=0.25)
+    data = TextDataModule(
+        tokenizer="tiny", source=write_jsonl(tmp_path / "rows.jsonl", rows), batch_size=2, val_fraction=0.25
+    )
     with pytest.warns(UserWarning, match=r"dropped \d+ of \d+ rows whose 'text' is empty or only whitespace"):
         data.setup("fit")
     assert len(data.train_set) + len(data.val_set) == 30
     assert all(sum(row["loss_mask"]) >= 2 for row in data.train_set)  # a text token and EOS to learn
     blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": " " * (i % 3)} for i in range(40)])
     with pytest.raises(ValueError, match=r"blank\.jsonl \(validation split\): every 'text' is empty"):
-        TextDataModule(source=blank, batch_size=2, val_fraction=0.25).setup("fit")
+        TextDataModule(tokenizer="tiny", source=blank, batch_size=2, val_fraction=0.25).setup("fit")

@@ -83,7 +83,13 @@ def test_bad_rows_are_named(fixture, field, value, message):
 @pytest.mark.parametrize("fixture", [OPENAI, CARPER])
 def test_text_data_module_reads_tldr_files_and_learns_only_the_summary(fixture):
     dm = TextDataModule(  # seed 7: a split key that leaves rows in both parts of these 2- and 3-row files
-        source=str(fixture), format="tldr", max_length=512, batch_size=1, val_fraction=0.4, seed=7
+        tokenizer="tiny",
+        source=str(fixture),
+        format="tldr",
+        max_length=512,
+        batch_size=1,
+        val_fraction=0.4,
+        seed=7,
     )
     dm.setup("fit")
     expected = {
@@ -103,4 +109,4 @@ def test_text_data_module_reads_tldr_files_and_learns_only_the_summary(fixture):
 
 def test_tldr_format_needs_a_local_file():
     with pytest.raises(ValueError, match="format='tldr' reads a local TL;DR file"):
-        TextDataModule(source="imdb", format="tldr")
+        TextDataModule(tokenizer="tiny", source="imdb", format="tldr")

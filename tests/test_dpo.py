@@ -269,6 +269,7 @@ def test_dpo_learns_a_public_preference_rule(tmp_path, epsilon):
     """LoRA DPO, 2 epochs over 500 rule pairs; held-out implicit-reward accuracy and margin rise from 0."""
     datamodule = PreferenceDataModule(
         write_jsonl(tmp_path / "train.jsonl", rule_pairs(500, seed=0)),
+        tokenizer="tiny",
         val_file=write_jsonl(tmp_path / "val.jsonl", rule_pairs(100, seed=1)),
         max_length=96,
         batch_size=50,

@@ -429,8 +429,10 @@ def test_steering_adapter_trains_only_public_direction_coefficients_under_dp(tmp
 
 def test_prompts_longer_than_max_prompt_tokens_are_cut_with_a_warning(prompt_file):
     with pytest.raises(ValueError, match="max_prompt_tokens must be >= 1"):
-        PromptDataModule(source=prompt_file, max_prompt_tokens=0)
-    data = PromptDataModule(source=prompt_file, batch_size=8, max_val_prompts=8, max_prompt_tokens=4)
+        PromptDataModule(tokenizer="tiny", source=prompt_file, max_prompt_tokens=0)
+    data = PromptDataModule(
+        tokenizer="tiny", source=prompt_file, batch_size=8, max_val_prompts=8, max_prompt_tokens=4
+    )
     with pytest.warns(
         UserWarning, match=r"\d+ of \d+ training prompts are longer than max_prompt_tokens=4 and were cut"
     ):

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_dprl.privacy import DPCallback, DPConfigurationError
 from lit_dprl.privacy.accounting import epsilon_after
+from lit_dprl.privacy.sampling import PoissonDataLoader
 from tests.toy_modules import ToyClassifier, TwoOptimizerModule, toy_dataset
 
 
@@ -50,6 +51,21 @@ def test_reported_epsilon_matches_an_independent_computation(tmp_path):
     assert report["epsilon"] == pytest.approx(independent, rel=1e-6) == cb.epsilon
     for key in ("noise_multiplier", "accountant", "max_grad_norm", "epsilon_rdp"):
         assert key in report
+
+
+@pytest.mark.parametrize("source", ["module", "datamodule", "fit"])
+def test_the_train_loader_is_poisson_sampled_whoever_gives_it(tmp_path, source):
+    """The module's ``train_dataloader``, a data module's, or ``fit(train_dataloaders=...)``: all are replaced."""
+    given = {
+        "module": {},
+        "datamodule": {"datamodule": pl.LightningDataModule.from_datasets(toy_dataset(200), batch_size=20)},
+        "fit": {"train_dataloaders": DataLoader(toy_dataset(200), batch_size=20, shuffle=True)},
+    }[source]
+    cb = DPCallback(noise_multiplier=1.0, sampling_seed=0, noise_seed=0)
+    trainer = make_trainer(tmp_path, [cb], max_steps=3)
+    trainer.fit(ToyClassifier(n=100, batch_size=5), **given)
+    assert isinstance(trainer.train_dataloader, PoissonDataLoader) and cb.steps == 3
+    assert cb.sample_rate == pytest.approx(5 / 100 if source == "module" else 20 / 200)
 
 
 def test_target_epsilon_calibrates_sigma_and_is_spent(tmp_path):

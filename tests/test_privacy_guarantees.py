@@ -202,5 +202,7 @@ def test_secure_mode_draws_sampling_and_noise_from_the_secure_generator(tmp_path
     cb = DPCallback(noise_multiplier=1.0, secure_mode=True)
     make_trainer(tmp_path, [cb], max_steps=2).fit(ToyClassifier())
     (optimizer,) = cb._dp_optimizers
-    assert optimizer.secure_mode and optimizer.generator is secure and cb._sampler.generator is secure
+    assert (
+        optimizer.secure_mode and optimizer.generator is secure and cb._training.sampler.generator is secure
+    )
     assert json.loads((tmp_path / "privacy.json").read_text())["secure_mode"] is True

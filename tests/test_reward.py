@@ -176,6 +176,7 @@ def test_reward_model_learns_a_public_preference_rule(tmp_path, epsilon):
     """LoRA reward model, 2 epochs over 1,000 rule pairs, accuracy on 200 held-out pairs (chance 0.5)."""
     datamodule = PreferenceDataModule(
         write_jsonl(tmp_path / "train.jsonl", rule_pairs(1000, seed=0)),
+        tokenizer="tiny",
         val_file=write_jsonl(tmp_path / "val.jsonl", rule_pairs(200, seed=1)),
         max_length=96,
         batch_size=100,
@@ -256,7 +257,7 @@ def test_public_reference_bias_centres_reference_rewards(tmp_path):
 
 def test_max_length_beyond_the_model_context_is_refused(tmp_path):
     datamodule = PreferenceDataModule(
-        write_jsonl(tmp_path / "p.jsonl", rule_pairs(80, 0)), max_length=512, batch_size=4
+        write_jsonl(tmp_path / "p.jsonl", rule_pairs(80, 0)), tokenizer="tiny", max_length=512, batch_size=4
     )
     trainer = L.Trainer(accelerator="cpu", fast_dev_run=True, logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens"):

@@ -96,11 +96,11 @@ stages:
   - name: sft
     config: configs/tiny/sft.yaml
     args: ["--trainer.max_steps=2"]
-    inputs: {model.init_args.model: pretrain, data.init_args.tokenizer: pretrain}
+    inputs: {model.init_args.model: pretrain}
   - name: ppo
     config: configs/tiny/ppo.yaml
     args: ["--trainer.max_steps=2"]
-    inputs: {model.init_args.model: sft, data.init_args.tokenizer: sft}
+    inputs: {model.init_args.model: sft}
 evaluation:
   policy: ppo
   baselines: {pretrained: pretrain, sft: sft}

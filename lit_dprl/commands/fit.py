@@ -1,8 +1,8 @@
 """The command line: ``lit-dprl fit --config configs/<task>/<stage>.yaml``.
 
 A thin ``LightningCLI``: any LightningModule/DataModule by ``class_path``, ``DPCallback`` under
-``trainer.callbacks``. After ``fit`` it prints the privacy guarantee and, with
-``--validate_before_fit=true``, the validation metrics before and after training.
+``trainer.callbacks``; the data module's tokenizer, unless given, is the model's. After ``fit`` it prints the
+privacy guarantee and, with ``--validate_before_fit=true``, the validation metrics before and after training.
 
 Interrupted runs: ``fit`` saves ``<save_dir>/<name>/checkpoints/last.ckpt`` every ``--checkpoint_every`` optimizer
 steps, at the end of training and on SIGTERM (``checkpoints.py``); the same command with ``--ckpt_path last``
@@ -77,6 +77,16 @@ class LitDPRLCLI(LightningCLI):
             default=False,
             help="Start a new run even where an earlier run left an export or a checkpoint (they are replaced).",
         )
+
+    def before_instantiate_classes(self) -> None:
+        """The data module's tokenizer is its model's: ``data.init_args.tokenizer`` left unset takes
+        ``model.init_args.model``; one given is kept (and refused at setup if it is not the model's)."""
+        config = self.config.get(str(self.subcommand), self.config)
+        model_args, data_args = config.get("model.init_args"), config.get("data.init_args")
+        if model_args is None or data_args is None or "model" not in model_args:
+            return
+        if "tokenizer" in data_args and data_args.tokenizer is None:
+            data_args.tokenizer = model_args.model
 
     def _parse_ckpt_path(self) -> None:
         """Resuming keeps the command line's arguments (LightningCLI would replace them with the checkpoint's, the

@@ -32,8 +32,8 @@ class Stage:
         name: Stage name; its model is exported to ``<run_dir>/<name>/model``.
         config: A ``lit-dprl fit`` YAML.
         args: Extra command-line overrides for that config (e.g. ``--trainer.max_steps=10``).
-        inputs: Config keys set to an earlier stage's exported model, e.g.
-            ``{model.init_args.model: sft, data.init_args.tokenizer: sft}``, or to a model directory path.
+        inputs: Config keys set to an earlier stage's exported model, e.g. ``{model.init_args.model: sft}``
+            (the data module's tokenizer follows the model), or to a model directory path.
         public: The stage trains on public data only (no DP; left out of the composition). Checked: its
             data module must report public data (``split_provenance()["public"]``).
     """

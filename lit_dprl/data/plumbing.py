@@ -1,5 +1,5 @@
-"""Plumbing shared by the data modules: checks of their size arguments, values known only after ``setup()``,
-and their loaders."""
+"""Plumbing shared by the data modules: checks of their size arguments, their tokenizer, values known only after
+``setup()``, and their loaders."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lit_dprl.models import load_tokenizer
 
 T = TypeVar("T")
 
@@ -20,6 +23,17 @@ def check_sizes(batch_size: int, val_fraction: float, **example_limits: int | No
     for name, limit in example_limits.items():
         if limit is not None and limit < 1:
             raise ValueError(f"{name} must be >= 1 or None (all rows), got {limit}")
+
+
+def model_tokenizer(source: str | None, module: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of model source ``source`` for data module ``module``; None (the model's, which
+    ``lit-dprl fit`` fills in from ``model.init_args.model``) is refused outside the command line."""
+    if source is None:
+        raise ValueError(
+            f"{module} has no tokenizer: pass tokenizer=<the model's source> (e.g. 'tiny' or the model's "
+            "directory); lit-dprl fit sets it to model.init_args.model"
+        )
+    return load_tokenizer(source)
 
 
 def after_setup(value: T | None, what: str) -> T:

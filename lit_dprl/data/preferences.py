@@ -21,7 +21,7 @@ from lit_dprl.data.files import file_dataset_name
 from lit_dprl.data.imdb import PUBLIC_FRACTION, imdb_provenance
 from lit_dprl.data.labelled_pairs import imdb_preference_pairs
 from lit_dprl.data.padding import left_pad
-from lit_dprl.data.plumbing import after_setup, batch_loader
+from lit_dprl.data.plumbing import after_setup, batch_loader, model_tokenizer
 from lit_dprl.data.preference_files import PreferenceDataError, read_preference_file
 from lit_dprl.data.splits import (
     HOLDOUT_PURPOSE,
@@ -31,7 +31,6 @@ from lit_dprl.data.splits import (
     unit_id,
     unit_kind,
 )
-from lit_dprl.models import load_tokenizer
 
 
 class Truncated(NamedTuple):
@@ -135,8 +134,8 @@ class PreferenceDataModule(L.LightningDataModule):
             (optional ``user_id``), or OpenAI summarize_from_feedback comparisons. Nothing is downloaded.
             ``"imdb"``: pairs built by ``lit_dprl.data.labelled_pairs.pairs_from_labelled_texts`` from the bundled IMDb reviews of the
             private reward set D2 of ``split_imdb`` (validation pairs from its held-out test split).
-        tokenizer: Model source whose tokenizer is used (``lit_dprl.models.load_tokenizer``); must match
-            the reward model's source.
+        tokenizer: Model source whose tokenizer is used (``lit_dprl.models.load_tokenizer``): the
+            model's source. Unset, ``lit-dprl fit`` sets it to ``model.init_args.model``; in Python, pass it.
         val_file: Local validation file in the same layouts; if None, a share ``val_fraction`` of
             ``train_file`` is held out by keyed hash of each pair's unit (its ``user_id``, else its content).
         val_fraction: Fraction of ``train_file`` held out for validation when ``val_file`` is None.
@@ -156,7 +155,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def __init__(
         self,
         train_file: str,
-        tokenizer: str = "tiny",
+        tokenizer: str | None = None,
         val_file: str | None = None,
         val_fraction: float = 0.1,
         max_length: int = 256,
@@ -222,7 +221,7 @@ class PreferenceDataModule(L.LightningDataModule):
         """Load, check, split and encode the files (once)."""
         if self.train_dataset is not None:
             return
-        self.tokenizer = load_tokenizer(self.tokenizer_source)
+        self.tokenizer = model_tokenizer(self.tokenizer_source, type(self).__name__)
         if self.train_file == IMDB:
             fractions = {"reward_fraction": self.reward_fraction, "public_fraction": self.public_fraction}
             train_rows, val_rows = imdb_preference_pairs(self.seed, **fractions)

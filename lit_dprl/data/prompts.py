@@ -18,9 +18,8 @@ from transformers import PreTrainedTokenizerBase
 from lit_dprl.data.files import file_dataset_name, load_local_dataset, require_columns, text_column
 from lit_dprl.data.imdb import PUBLIC_FRACTION, imdb_provenance, load_imdb_reviews, split_imdb
 from lit_dprl.data.padding import left_pad
-from lit_dprl.data.plumbing import after_setup, batch_loader
+from lit_dprl.data.plumbing import after_setup, batch_loader, model_tokenizer
 from lit_dprl.data.splits import UNIT_COLUMN, holdout, keyed_choice, split_key
-from lit_dprl.models import load_tokenizer
 
 IMDB = "imdb"
 
@@ -64,7 +63,8 @@ class PromptDataModule(L.LightningDataModule):
     """Private training prompts (D3) and held-out evaluation prompts.
 
     Args:
-        tokenizer: Model source whose tokenizer to use (same as the policy's).
+        tokenizer: Model source whose tokenizer to use: the policy's. Unset, ``lit-dprl fit`` sets it to
+            ``model.init_args.model``; in Python, pass it.
         source: "imdb" (prompts = first words of reviews: training from the private PPO set D3 of
             ``lit_dprl.data.imdb.split_imdb``, validation from its held-out test split) or a local
             .jsonl/.json/.csv/.parquet file with a ``prompt_field`` column (split by ``user_id`` if present).
@@ -87,7 +87,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: str = "tiny",
+        tokenizer: str | None = None,
         source: str = IMDB,
         prompt_field: str = "prompt",
         min_prompt_words: int = 2,
@@ -167,7 +167,7 @@ class PromptDataModule(L.LightningDataModule):
         """Load, split and tokenize once."""
         if self.train_set is not None:
             return
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        self.tokenizer = model_tokenizer(self.hparams.tokenizer, type(self).__name__)
         train, val = self.raw_prompts()
         self.train_set = self._encode(train, "training").with_format("python")
         self.val_set = self._encode(val, "validation").with_format("python")

@@ -26,10 +26,9 @@ from lit_dprl.data.imdb import (
     split_imdb,
 )
 from lit_dprl.data.padding import left_pad
-from lit_dprl.data.plumbing import after_setup, batch_loader, check_sizes
+from lit_dprl.data.plumbing import after_setup, batch_loader, check_sizes, model_tokenizer
 from lit_dprl.data.splits import holdout, split_key
 from lit_dprl.data.tldr import COMPLETION_COLUMN, PROMPT_COLUMN, tldr_sft_dataset
-from lit_dprl.models import load_tokenizer
 
 IMDB = "imdb"
 
@@ -113,7 +112,8 @@ class TextDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: Model source whose tokenizer to use ("tiny", "smollm2", a .gguf path or a local model
-            directory); must be the same source as the model's.
+            directory): the model's. Unset, ``lit-dprl fit`` sets it to ``model.init_args.model``; in
+            Python, pass it.
         source: "imdb" for the bundled IMDb reviews (training on the private SFT set D1 of
             ``lit_dprl.data.imdb.split_imdb``, validating on its held-out test split); bundled PUBLIC data
             for public pretraining (``val_fraction`` held out): "rotten_tomatoes" (the Rotten Tomatoes
@@ -144,7 +144,7 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: str = "tiny",
+        tokenizer: str | None = None,
         source: str = IMDB,
         format: Literal["plain", "tldr"] = "plain",
         text_field: str = "text",
@@ -241,7 +241,7 @@ class TextDataModule(L.LightningDataModule):
         """Load, split and tokenize once (later calls do nothing)."""
         if self.train_set is not None:
             return
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        self.tokenizer = model_tokenizer(self.hparams.tokenizer, type(self).__name__)
         train_rows, val_rows = self.raw_splits()
         self.val_set = self.prepare_split(val_rows, "validation", self.hparams.max_val_examples)
         self.train_set = self.prepare_split(train_rows, "training", self.hparams.max_train_examples)

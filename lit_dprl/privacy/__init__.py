@@ -39,11 +39,11 @@ training (losses, metrics, batch sizes) are not private; only the trained weight
 The report (``privacy.json``) goes into the run's log dir; the stages export it next to the model
 (``report.write_export``).
 
-Modules: ``callback`` (``DPCallback``, the Lightning wiring), ``patching``, ``refusals``, ``units``, ``sampling``,
-``randomness``, ``batches``, ``steps``, ``optimizers``, ``ghost`` (with ``tied``), ``budget``, ``accounting``,
-``ledger``, ``summary``, ``report`` (exports), ``composition`` (several stages), ``audit``. ``DPCallback`` and
-``DPConfigurationError`` are imported on first use, so that ``lit_dprl.privacy.report`` (used by every stage's
-export) does not load Opacus.
+Modules: ``callback`` (``DPCallback``, the Lightning wiring), ``patching``, ``refusals``, ``units``,
+``training_data``, ``sampling``, ``randomness``, ``batches``, ``steps``, ``optimizers``, ``ghost`` (with ``tied``),
+``budget``, ``accounting``, ``ledger``, ``summary``, ``report`` (exports), ``composition`` (several stages),
+``audit``. ``DPCallback`` and ``DPConfigurationError`` are imported on first use, so that
+``lit_dprl.privacy.report`` (used by every stage's export) does not load Opacus.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """``DPCallback``: DP-SGD for any LightningModule, built on Opacus — the privacy layer's wiring into Lightning.
 
 The module and data carry no DP code but follow the contract in the package docstring (``__init__.py``). The
-hooks below call ``patching`` (train loader, ``training_step``, per-example gradients), ``units``, ``randomness``,
-``batches`` (steps per batch), ``budget`` (σ, ``max_epsilon``), the ``PrivacyLedger`` and ``summary`` (report).
+hooks below call ``patching`` (train loader, ``training_step``, per-example gradients), ``training_data`` (units,
+Poisson sampler), ``randomness``, ``batches`` (steps per batch), ``budget`` (σ, ``max_epsilon``), the
+``PrivacyLedger`` and ``summary`` (report).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from torch.utils.data import DataLoader
 from lit_dprl.privacy import batches, budget, fsdp, ghost, patching, randomness, refusals, summary
 from lit_dprl.privacy.accounting import batch_noise_multiplier
 from lit_dprl.privacy.ledger import PrivacyLedger
-from lit_dprl.privacy.optimizers import make_dp_optimizer
+from lit_dprl.privacy.optimizers import wrap_optimizers
 from lit_dprl.privacy.refusals import DPConfigurationError
 from lit_dprl.privacy.report import REPORT_NAME, stage_metadata, write_json_atomic
-from lit_dprl.privacy.sampling import PoissonBatchSampler, PoissonDataLoader
+from lit_dprl.privacy.sampling import PoissonDataLoader
 from lit_dprl.privacy.steps import dp_training_step, set_step_units
-from lit_dprl.privacy.units import TrainingUnits, training_units
+from lit_dprl.privacy.training_data import TrainingData
 
 __all__ = ["DPCallback", "DPConfigurationError"]
 
@@ -122,10 +123,17 @@ class DPCallback(Callback):
 
         self._noise_multiplier = noise_multiplier
         self._ledger = PrivacyLedger(accountant)
-        self._data: TrainingUnits | None = None
         self._warnings: list[str] = []
+        self._training = TrainingData(
+            privacy_unit=privacy_unit,
+            user_id_field=user_id_field,
+            max_rows_per_user=max_rows_per_user,
+            target_delta=target_delta,
+            sampling_seed=sampling_seed,
+            secure_rng=self._secure_rng,
+            warn=self._warn,
+        )
         self._restored: dict[str, Any] | None = None
-        self._sampler: PoissonBatchSampler | None = None
         self._dp_optimizers: list = []
         self._shape = batches.BatchShape()
         self._budget = budget.Budget()
@@ -148,7 +156,7 @@ class DPCallback(Callback):
     @property
     def delta(self) -> float | None:
         """δ of the guarantee (known once the training set size is)."""
-        return None if self._data is None else self._data.delta
+        return None if self._training.units is None else self._training.units.delta
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -158,7 +166,7 @@ class DPCallback(Callback):
     @property
     def sample_rate(self) -> float | None:
         """q = batch_size / N, the Poisson sampling rate of privacy units."""
-        return None if self._data is None else self._data.sample_rate
+        return None if self._training.units is None else self._training.units.sample_rate
 
     @property
     def steps(self) -> int:
@@ -185,33 +193,9 @@ class DPCallback(Callback):
             self._unpatch.append(patching.patch_train_dataloader(trainer, poisson_loader))
 
     def _poisson_loader(self, loader: DataLoader, trainer: pl.Trainer) -> PoissonDataLoader:
-        data = self._set_data(loader.dataset, loader.batch_size)
+        # built after the checkpoint is restored (load_state_dict comes after setup): _restored is known here
         self._sharded = fsdp.zero_row_batch(loader) if fsdp.is_sharded(trainer) else None
-        drawn = self._restored["batches_drawn"] if self._restored else 0
-        self._sampler = randomness.poisson_sampler(
-            data, trainer, seed=self.sampling_seed, drawn=drawn, generator=self._secure_rng
-        )
-        return PoissonDataLoader(loader, self._sampler)
-
-    def _set_data(self, dataset: Any, global_batch_size: int) -> TrainingUnits:
-        """N (privacy units), q, δ and the user grouping from the training data; warnings into the report."""
-        data = training_units(
-            dataset,
-            global_batch_size,
-            privacy_unit=self.privacy_unit,
-            user_id_field=self.user_id_field,
-            max_rows_per_user=self.max_rows_per_user,
-            target_delta=self.target_delta,
-        )
-        if self._restored and self._restored["dataset_size"] != data.num_units:
-            raise DPConfigurationError(
-                f"the checkpoint was trained on {self._restored['dataset_size']} privacy units but the training "
-                f"set now has {data.num_units}: resuming on different data invalidates the privacy accounting"
-            )
-        self._data = data
-        for message in data.warnings:
-            self._warn(message)
-        return data
+        return self._training.poisson_loader(loader, trainer, self._restored)
 
     def _warn(self, message: str) -> None:
         if message not in self._warnings:
@@ -253,19 +237,10 @@ class DPCallback(Callback):
         self._report_dir = trainer.log_dir  # a collective under DDP: read it on every rank, here
         self._remove_stale_report(trainer)
         if not self.poisson_sampling:
-            loader = trainer.train_dataloader
-            batch_size = getattr(loader, "batch_size", None)
-            if not isinstance(batch_size, int):
-                raise DPConfigurationError("the training DataLoader must have an integer batch_size")
-            self._set_data(loader.dataset, batch_size * trainer.world_size)
-            self._warn(
-                "poisson_sampling=False: batches are shuffled, not Poisson-sampled; the reported ε treats them as "
-                "Poisson samples at q = batch/N, an approximation the guarantee does not cover exactly"
-            )
-        optimizers = trainer.strategy.optimizers
+            self._training.fixed_batches(trainer, self._restored)
         self._shape = batches.batch_shape(
             pl_module,
-            len(optimizers),
+            len(trainer.strategy.optimizers),
             max_physical_batch_size=self.max_physical_batch_size,
             privacy_unit=self.privacy_unit,
         )
@@ -286,25 +261,21 @@ class DPCallback(Callback):
             batches=self._ledger.batches,
             secure=self._secure_rng,
         )
-        local_batch = self._data.batch_size / (self._shape.minibatches_per_batch * trainer.world_size)
-        sharded = fsdp.is_sharded(trainer)
-        make = (
-            partial(fsdp.make_sharded_optimizer, rank=trainer.global_rank) if sharded else make_dp_optimizer
+        local_batch = self._training.units.batch_size / (
+            self._shape.minibatches_per_batch * trainer.world_size
         )
-        self._dp_optimizers = [
-            make(
-                opt,
-                noise_multiplier=self._noise_multiplier,
-                max_grad_norm=self.max_grad_norm,
-                expected_batch_size=local_batch,
-                distributed=trainer.world_size > 1,
-                generator=generator,
-                secure_mode=self.secure_mode,
-                ghost=self.grad_sample_mode == "ghost",
-            )
-            for opt in optimizers
-        ]
-        trainer.strategy.optimizers = self._dp_optimizers
+        self._dp_optimizers = wrap_optimizers(
+            trainer,
+            noise_multiplier=self._noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=local_batch,
+            generator=generator,
+            secure_mode=self.secure_mode,
+            ghost=self.grad_sample_mode == "ghost",
+            make=partial(fsdp.make_sharded_optimizer, rank=trainer.global_rank)
+            if fsdp.is_sharded(trainer)
+            else None,
+        )
         self._open_batch = None
         self._budget = budget.plan_budget(
             self._ledger,
@@ -327,7 +298,7 @@ class DPCallback(Callback):
     ) -> None:
         self._budget.refuse_another(self._ledger, self.delta)
         self._open_batch = [opt.noisy_steps for opt in self._dp_optimizers]
-        units, self._row_units = batches.units_in(batch, self._sampler, self.privacy_unit)
+        units, self._row_units = batches.units_in(batch, self._training.sampler, self.privacy_unit)
         for opt in self._dp_optimizers:
             opt.start_batch(units, self._shape.epochs_per_batch)
             set_step_units(opt, self._row_units, 0, len(self._row_units or ()))
@@ -386,7 +357,7 @@ class DPCallback(Callback):
     def report(self) -> dict[str, Any]:
         """What ``privacy.json`` holds: the guarantee, every parameter needed to recompute it, and warnings."""
         return summary.privacy_report(
-            self._data,
+            self._training.units,
             self._ledger,
             noise_multiplier=self._noise_multiplier,
             max_grad_norm=self.max_grad_norm,
@@ -411,13 +382,14 @@ class DPCallback(Callback):
         write_json_atomic(self.report_path, self.report())
 
     def state_dict(self) -> dict[str, Any]:
+        sampler = self._training.sampler
         return {
             **self._ledger.state_dict(),
             "noise_multiplier": self._noise_multiplier,
             "sample_rate": self.sample_rate,
-            "dataset_size": None if self._data is None else self._data.num_units,
+            "dataset_size": None if self._training.units is None else self._training.units.num_units,
             "delta": self.delta,
-            "batches_drawn": self._sampler.batches_drawn if self._sampler else self._ledger.batches,
+            "batches_drawn": sampler.batches_drawn if sampler else self._ledger.batches,
             "accountant_name": self.accountant_name,
             **asdict(self._shape),  # epochs_per_batch, minibatches_per_batch, noisy_steps_per_example
         }

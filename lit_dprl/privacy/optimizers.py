@@ -27,9 +27,13 @@ the number of steps that the accountant is told about. Clipping, noise and reduc
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 def group_rows(grad_sample: torch.Tensor, row_units: torch.Tensor, num_units: int) -> torch.Tensor:
@@ -168,3 +172,34 @@ def make_dp_optimizer(
         generator=generator,
         secure_mode=secure_mode,
     )
+
+
+def wrap_optimizers(
+    trainer: pl.Trainer,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    generator: torch.Generator | None,
+    secure_mode: bool,
+    ghost: bool,
+    make: Callable[..., DPOptimizer] | None = None,
+) -> list[DPOptimizer]:
+    """Replace ``trainer``'s optimizers by DP optimizers (``make``, by default ``make_dp_optimizer``) drawing their
+    noise from one ``generator``; ``expected_batch_size`` is this process's expected units per step."""
+    make = make or make_dp_optimizer
+    wrapped = [
+        make(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            distributed=trainer.world_size > 1,
+            generator=generator,
+            secure_mode=secure_mode,
+            ghost=ghost,
+        )
+        for optimizer in trainer.strategy.optimizers
+    ]
+    trainer.strategy.optimizers = wrapped
+    return wrapped

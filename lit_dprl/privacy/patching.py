@@ -27,8 +27,13 @@ def shadow(obj: Any, name: str, value: Any) -> Undo:
 
 def patch_train_dataloader(trainer: pl.Trainer, wrap: Callable[[DataLoader], Any]) -> Undo:
     """Make ``trainer`` train on ``wrap(loader)``, ``loader`` being the one DataLoader the module or data
-    module returns (refused unless it is a DataLoader with an integer ``batch_size``)."""
-    source = trainer.fit_loop._data_source  # Lightning's handle on whatever provides the train loader
+    module returns or ``fit(train_dataloaders=...)`` was given (refused unless it is a DataLoader with an
+    integer ``batch_size``).
+    """
+    # Private, as Lightning 2.6 offers a Callback no public route: in setup/on_fit_start it could only replace the
+    # (data) module's train_dataloader method, which fit(train_dataloaders=...) bypasses; from on_train_start the
+    # loader is built (trainer.train_dataloader is read-only); Strategy.process_dataloader is the user's strategy's.
+    source = trainer.fit_loop._data_source  # serves the module's, the data module's and fit's loader alike
     original = source.dataloader
 
     def dataloader() -> Any:
