@@ -36,6 +36,14 @@ def public_prompts(count: int, words: int) -> list[str]:
     return [" ".join(text.split()[:words]) for text in reviews["text"]]
 
 
+def parse_combo(text: str) -> dict[int, float]:
+    """``"24=2,27=1"`` -> ``{24: 2.0, 27: 1.0}``."""
+    try:
+        return {int(layer): float(alpha) for layer, alpha in (item.split("=") for item in text.split(","))}
+    except ValueError as err:
+        raise SystemExit(f"--combos takes LAYER=ALPHA[,LAYER=ALPHA...], got {text!r}") from err
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,6 +52,15 @@ def main() -> None:
     parser.add_argument("--fluency", default="smollm2", help="Model under which perplexity is measured.")
     parser.add_argument("--layers", type=int, nargs="+", default=[12, 18, 21, 24, 27])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+    parser.add_argument(
+        "--combos",
+        nargs="*",
+        default=[],
+        help="Extra settings steering several layers at once, each as LAYER=ALPHA[,LAYER=ALPHA...] (e.g. 24=2,27=1).",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=16, help="Continuation length (the demo scores 8-16)."
+    )
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--out", default="runs/steering_sweep.md")
@@ -53,40 +70,44 @@ def main() -> None:
     model = load_causal_lm(args.model, tokenizer).eval()
     fluency_tokenizer = load_tokenizer(args.fluency)
     fluency_model = load_causal_lm(args.fluency, fluency_tokenizer).eval()
+    combos = [parse_combo(combo) for combo in args.combos]
+    layers = sorted(set(args.layers).union(*combos))
     public = load_public_sources("imdb_public+rotten_tomatoes").shuffle(seed=0).select(range(256))
     directions = class_mean_directions(
-        model, tokenizer, public["text"], public["label"], args.layers, max_length=32
+        model, tokenizer, public["text"], public["label"], layers, max_length=32
     )  # the directions PPOModule builds (same source, examples and length)
-    add_steering(model, dict(zip(args.layers, directions, strict=True)))
-    modules = steering_modules(model)
+    add_steering(model, dict(zip(layers, directions, strict=True)))
+    modules = dict(zip(layers, steering_modules(model), strict=True))
+    settings = [{layer: alpha} for layer in args.layers for alpha in args.alphas] + combos
     prompts = public_prompts(args.prompts, words=4)
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     lines = [
         "| layer | α | reward ± s.e. | positive | perplexity | first continuation |",
         "|---|---|---|---|---|---|",
     ]
-    for index, layer in enumerate(args.layers):
-        for alpha in args.alphas:
-            with torch.no_grad():
-                for j, module in enumerate(modules):
-                    module.alpha.fill_(alpha if j == index else 0.0)
-            torch.manual_seed(0)  # the same sampling noise for every setting
-            with torch.no_grad():
-                tokens = sample_responses(
-                    model, tokenizer, encoded["input_ids"], encoded["attention_mask"],
-                    temperature=args.temperature, min_new_tokens=8, max_new_tokens=16,
-                )  # fmt: skip
-            texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-            rewards = score_responses(imdb_sentiment, prompts, texts).tolist()
-            stderr = statistics.stdev(rewards) / math.sqrt(len(rewards))
-            positive = sum(r > 0 for r in rewards) / len(rewards)
-            perplexity = response_perplexity(fluency_model, fluency_tokenizer, prompts, texts)
-            sample = texts[0].replace("|", "\\|").replace("\n", " ")
-            lines.append(
-                f"| {layer} | {alpha:g} | {statistics.fmean(rewards):+.3f} ± {stderr:.3f} | {100 * positive:.0f} % "
-                f"| {perplexity:.1f} | {sample} |"
-            )
-            print(lines[-1], flush=True)
+    for setting in settings:
+        with torch.no_grad():
+            for layer, module in modules.items():
+                module.alpha.fill_(setting.get(layer, 0.0))
+        torch.manual_seed(0)  # the same sampling noise for every setting
+        with torch.no_grad():
+            tokens = sample_responses(
+                model, tokenizer, encoded["input_ids"], encoded["attention_mask"],
+                temperature=args.temperature, min_new_tokens=8, max_new_tokens=args.max_new_tokens,
+            )  # fmt: skip
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        rewards = score_responses(imdb_sentiment, prompts, texts).tolist()
+        stderr = statistics.stdev(rewards) / math.sqrt(len(rewards))
+        positive = sum(r > 0 for r in rewards) / len(rewards)
+        perplexity = response_perplexity(fluency_model, fluency_tokenizer, prompts, texts)
+        sample = texts[0].replace("|", "\\|").replace("\n", " ")
+        layer_text = " + ".join(str(layer) for layer in setting)
+        alpha_text = " + ".join(f"{alpha:g}" for alpha in setting.values())
+        lines.append(
+            f"| {layer_text} | {alpha_text} | {statistics.fmean(rewards):+.3f} ± {stderr:.3f} | {100 * positive:.0f} % "
+            f"| {perplexity:.1f} | {sample} |"
+        )
+        print(lines[-1], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 
