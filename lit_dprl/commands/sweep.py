@@ -1,6 +1,6 @@
 """The privacy–utility table (Wu et al., Table 1 / Figure 3) at any scale: the pipeline for several ε and seeds.
 
-    lit-dprl sweep --config configs/cpu-small/sweep.yaml
+    lit-dprl sweep --config configs/smollm2/sweep_paths_grpo.yaml
 
 Public stages (the sentiment classifier) run once and are shared. For every seed and ε the private stages
 run with ``DPCallback(target_epsilon=ε)`` (ε = inf: no DP, the non-private baseline: still private data, so

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 
 REPORT_NAME = "privacy.json"
 EXPORT_MARKER = "export_complete.json"
@@ -264,4 +265,8 @@ def export_after_fit(pl_module: pl.LightningModule, export_dir: str | Path | Non
             f"training produced non-finite weights ({len(broken)} tensors, e.g. {broken[0]}); nothing was exported "
             f"to {export_dir}. Lower the learning rate or use 32-true / bf16-mixed precision"
         )
-    return write_export(export_dir, pl_module.export, trainer_report(pl_module.trainer))
+    target = write_export(export_dir, pl_module.export, trainer_report(pl_module.trainer))
+    rank_zero_info(
+        f"{type(pl_module).__name__}: model exported to {target} (with {REPORT_NAME} and a model card)"
+    )
+    return target

@@ -17,7 +17,6 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -166,7 +165,6 @@ class ClassifierModule(L.LightningModule):
         directory = Path(directory)
         merged_copy(self.model).save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        rank_zero_info(f"classifier exported to {directory}")
         return directory
 
     def on_fit_end(self) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
@@ -143,7 +142,6 @@ class SFTModule(L.LightningModule):
         directory = Path(directory)
         self.merged_model().save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        rank_zero_info(f"SFT model exported to {directory}")
         return directory
 
     def on_fit_end(self) -> None:

@@ -108,8 +108,7 @@ class PPOModule(PolicyRollouts):
         cliprange_value: Value clip.
         vf_coef: Weight of the value loss ("gae"). Under DP the value head shares each prompt's clipping budget
             with the policy; on SmolLM2 its gradient is ~30x the policy's at vf_coef 0.1 and takes nearly
-            all of it, so DP configs use a small weight (configs/smollm2/ppo.yaml: 0.005,
-            configs/cpu-small/ppo.yaml: 0.0002). Adam still learns the value head: its update does not scale with it.
+            all of it, so DP configs use a small weight (configs/smollm2/ppo.yaml: 0.005). Adam still learns the value head: its update does not scale with it.
         temperature: Sampling temperature (log-probs use the same temperature and blocked tokens).
         min_new_tokens: Fewest response tokens (EOS is blocked before).
         max_new_tokens: Most response tokens.
