@@ -11,7 +11,8 @@ One step on a batch of per-example losses ℓ_1..ℓ_B (the training step's ``"p
 2. clipping coefficients ``c_i = min(1, C / (‖g_i‖ + 10⁻⁶))`` (Opacus's formula, as in hook mode);
 3. the loss handed back to Lightning is ``Σ_i c_i ℓ_i`` (c detached), whose backward (hooks off) leaves the
    clipped sum ``Σ_i c_i g_i`` in ``p.grad``;
-4. ``GhostDPOptimizer`` adds N(0, σ²C²) once and divides by the expected batch size, as hook mode does.
+4. ``GhostDPOptimizer`` adds N(0, σ²C²) once and divides by the expected batch size, as hook mode does (under
+   DDP, ``DistributedGhostDPOptimizer``: rank 0 adds the noise, then the ranks' sums are all-reduced).
 
 A parameter used twice in a step gets no Opacus ghost norm, because the norms of its two uses do not add
 up to the norm of its gradient. An embedding tied to an output layer (GPT-2's ``wte`` = ``lm_head``) gets
