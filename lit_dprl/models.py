@@ -38,6 +38,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from lit_dprl.sharding import is_sharded, unsharded_class
+
 TINY = "tiny"
 SCRATCH = "scratch"
 SMOLLM2 = "smollm2"
@@ -269,19 +271,26 @@ def add_lora(
     return get_peft_model(model, config)
 
 
-def merged_copy(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+def merged_copy(
+    model: PreTrainedModel | PeftModel, state_dict: dict[str, torch.Tensor] | None = None
+) -> PreTrainedModel:
     """A CPU copy of ``model``'s current weights as a plain ``transformers`` model, LoRA merged into the base.
 
-    The copy is rebuilt from the config and ``state_dict`` only, so nothing else of the live model (DP
-    hooks, per-example gradients, the trainer) comes along, and training can go on afterwards.
+    The copy is rebuilt from the config and ``state_dict`` only (``model``'s own by default; a sharded model's
+    gathered one, ``sharding.full_state_dict``), so nothing else of the live model (DP hooks, per-example
+    gradients, the trainer, FSDP) comes along, and training can go on afterwards.
     """
     is_peft = isinstance(model, PeftModel)
     base = model.get_base_model() if is_peft else model
+    if state_dict is None and is_sharded(model):
+        raise ValueError(
+            "the model is sharded (FSDP): gather its weights on every rank first (full_state_dict)"
+        )
     with torch.random.fork_rng(devices=[]):
-        clone = type(base)(base.config)
+        clone = unsharded_class(base)(base.config)
         if is_peft:
             clone = get_peft_model(clone, model.peft_config[model.active_adapter])
-    clone.load_state_dict(model.state_dict())
+    clone.load_state_dict(model.state_dict() if state_dict is None else state_dict)
     if is_peft:
         clone = clone.merge_and_unload()
     return clone.eval()

@@ -2,7 +2,9 @@
 
 With a fifth argument ``nodes`` (> 1) it is one node of a multi-node run with one process per node: the test
 starts one process per node with ``NODE_RANK``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` set, as a cluster
-launcher would, and Lightning joins them (``num_nodes=nodes``, ``devices=1``)."""
+launcher would, and Lightning joins them (``num_nodes=nodes``, ``devices=1``). A sixth argument is the
+``grad_sample_mode`` (default hooks; the module returns per-example losses in both modes), a seventh the
+expected global batch size (default 8 of 64 examples)."""
 
 import sys
 import warnings
@@ -23,10 +25,21 @@ if __name__ == "__main__":
         int(sys.argv[4]),
     )
     nodes = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    mode = sys.argv[6] if len(sys.argv) > 6 else "hooks"
+    batch_size = int(sys.argv[7]) if len(sys.argv) > 7 else 8
     torch.manual_seed(0)
-    model = ToyClassifier(n=64, batch_size=8, lr=1.0, hidden=300 if zero_loss else 16, zero_loss=zero_loss)
+    model = ToyClassifier(
+        n=64,
+        batch_size=batch_size,
+        lr=1.0,
+        hidden=300 if zero_loss else 16,
+        zero_loss=zero_loss,
+        per_example=True,
+    )
     initial = torch.cat([p.detach().flatten() for p in model.parameters()])
-    cb = DPCallback(noise_multiplier=sigma, max_grad_norm=0.5, sampling_seed=11, noise_seed=5)
+    cb = DPCallback(
+        noise_multiplier=sigma, max_grad_norm=0.5, sampling_seed=11, noise_seed=5, grad_sample_mode=mode
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2 if nodes == 1 else 1,
@@ -49,6 +62,9 @@ if __name__ == "__main__":
             "batch_sizes": model.batch_sizes,
             "steps": cb.steps,
             "q": cb.sample_rate,
+            "epsilon": cb.epsilon,
+            "noisy_steps": cb._dp_optimizers[0].noisy_steps,
+            "world_size": cb.report()["world_size"],
         },
         f"{out_dir}/rank{trainer.global_rank}.pt",
     )

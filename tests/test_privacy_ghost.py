@@ -272,10 +272,3 @@ def test_ghost_mode_refuses_what_it_does_not_serve(tmp_path, module, callback_kw
             noise_multiplier=1.0, sampling_seed=0, **({"grad_sample_mode": "ghost"} | callback_kwargs)
         )
         make_trainer(tmp_path, [cb], max_steps=2).fit(module)
-
-
-def test_ghost_mode_refuses_ddp(tmp_path):
-    cb = DPCallback(noise_multiplier=1.0, grad_sample_mode="ghost")
-    trainer = make_trainer(tmp_path, [cb], devices=2, strategy="ddp_spawn", max_steps=1)
-    with pytest.raises(DPConfigurationError, match="DDP"):
-        cb.setup(trainer, ToyClassifier(), "fit")

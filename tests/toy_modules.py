@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+from lit_dprl.losses import training_output
 
 
 def toy_dataset(n: int = 200, dim: int = 4, seed: int = 0) -> TensorDataset:
@@ -15,11 +18,21 @@ def toy_dataset(n: int = 200, dim: int = 4, seed: int = 0) -> TensorDataset:
 
 
 class ToyClassifier(pl.LightningModule):
-    """An MLP classifier with a plain mean cross-entropy loss (automatic optimization)."""
+    """An MLP classifier with a plain mean cross-entropy loss (automatic optimization); with ``per_example``
+    its training step also returns the per-example losses (``training_output``), as ghost mode needs."""
 
-    def __init__(self, n: int = 200, batch_size: int = 8, lr: float = 0.1, hidden: int = 16, zero_loss=False):
+    def __init__(
+        self,
+        n: int = 200,
+        batch_size: int = 8,
+        lr: float = 0.1,
+        hidden: int = 16,
+        zero_loss=False,
+        per_example: bool = False,
+    ):
         super().__init__()
         self.n, self.batch_size, self.lr, self.zero_loss = n, batch_size, lr, zero_loss
+        self.per_example = per_example
         self.net = torch.nn.Sequential(
             torch.nn.Linear(4, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 2)
         )
@@ -32,9 +45,14 @@ class ToyClassifier(pl.LightningModule):
         x, y = batch
         self.batch_sizes.append(len(x))
         logits = self(x)
+        if self.per_example:
+            losses = (
+                (logits * 0.0).sum(-1) if self.zero_loss else F.cross_entropy(logits, y, reduction="none")
+            )
+            return training_output(losses)
         if self.zero_loss:
             return (logits * 0.0).sum(-1).mean()
-        return torch.nn.functional.cross_entropy(logits, y)
+        return F.cross_entropy(logits, y)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)

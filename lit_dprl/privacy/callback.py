@@ -69,7 +69,7 @@ class DPCallback(Callback):
         grad_sample_mode: "hooks" (Opacus's per-example gradients) or "ghost" (ghost clipping, ``ghost.py``:
             per-example gradient norms without per-example gradients, then a backward of Σ_i c_i ℓ_i; the same
             update and ε in less memory). Ghost needs ``training_step`` to return ``"per_example_loss"`` (the
-            contract's item 8), automatic optimization (not PPO/GRPO) on one process or FSDP (``fsdp.py``; not DDP),
+            contract's item 8), automatic optimization (not PPO/GRPO) on one process, DDP or FSDP (``fsdp.py``),
             row-level units and no ``max_physical_batch_size``.
     """
 
@@ -228,6 +228,7 @@ class DPCallback(Callback):
             self._unpatch.append(partial(setattr, self, "_ghost_hooks", None))
         elif self.grad_sample_mode == "ghost":
             self._ghost_hooks = ghost.hook_norms(pl_module, self.max_grad_norm)
+            patching.stop_ddp_gradient_sync(trainer)  # the clipped sums are all-reduced by the DP optimizer
             self._unpatch += [self._ghost_hooks.cleanup, partial(setattr, self, "_ghost_hooks", None)]
         else:
             self._unpatch.append(patching.hook_per_example_gradients(pl_module, trainer).cleanup)

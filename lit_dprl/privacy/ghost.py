@@ -11,7 +11,8 @@ One step on a batch of per-example losses ℓ_1..ℓ_B (the training step's ``"p
 2. clipping coefficients ``c_i = min(1, C / (‖g_i‖ + 10⁻⁶))`` (Opacus's formula, as in hook mode);
 3. the loss handed back to Lightning is ``Σ_i c_i ℓ_i`` (c detached), whose backward (hooks off) leaves the
    clipped sum ``Σ_i c_i g_i`` in ``p.grad``;
-4. ``GhostDPOptimizer`` adds N(0, σ²C²) once and divides by the expected batch size, as hook mode does.
+4. ``GhostDPOptimizer`` adds N(0, σ²C²) once and divides by the expected batch size, as hook mode does (under
+   DDP, ``DistributedGhostDPOptimizer``: rank 0 adds the noise, then the ranks' sums are all-reduced).
 
 A parameter used twice in a step gets no Opacus ghost norm, because the norms of its two uses do not add
 up to the norm of its gradient. An embedding tied to an output layer (GPT-2's ``wte`` = ``lm_head``) gets
@@ -48,6 +49,12 @@ from lit_dprl.privacy.tied import (
 )
 
 PER_EXAMPLE_LOSS = "per_example_loss"
+GRADIENT_PROBLEMS = (
+    "a parameter received a gradient that the ghost norm pass did not measure, so it would not be clipped; "
+    "use grad_sample_mode: hooks for this module",
+    "the clipped gradient is not finite: an example with a non-finite loss or activation cannot be isolated by "
+    "ghost clipping; use grad_sample_mode: hooks, which drops it",
+)
 
 if Conv1D not in GradSampleHooksFastGradientClipping.NORM_SAMPLERS:
     register_norm_sampler(Conv1D)(compute_linear_norm_sample)
@@ -271,30 +278,71 @@ class GhostDPOptimizer(_DPChecks, DPOptimizer):
         """The part of a gradient this process checks and noises: all of it here (``fsdp.py``: its shard)."""
         return tensor
 
+    def _gradient_problem(self, normed: frozenset[int]) -> int:
+        """0, or the index + 1 in ``GRADIENT_PROBLEMS`` of what is wrong with this process's clipped sum."""
+        for parameter in self.params:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)  # untouched by the loss, or an empty batch
+            elif id(parameter) not in normed and bool(self._shard(parameter.grad).any()):
+                return 1
+            if not bool(self._shard(parameter.grad).isfinite().all()):
+                return 2
+        return 0
+
+    def _raise_if(self, problem: int) -> None:
+        """Stop on a problem; across processes every rank stops if one has a problem (no rank is left waiting
+        in the step's collective), with the message of the first problem found."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            worst = torch.tensor([problem], device=self.params[0].device)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            if int(worst) and not problem:
+                raise RuntimeError(f"another rank stopped the step: {GRADIENT_PROBLEMS[int(worst) - 1]}")
+        if problem:
+            raise RuntimeError(GRADIENT_PROBLEMS[problem - 1])
+
+    def _add_noise(self) -> bool:
+        """Whether this process adds the noise (the only one, or rank 0 under DDP)."""
+        return True
+
+    def _reduce(self) -> None:
+        """Sum the scaled gradients over processes (none here: one process, or FSDP's reduce-scatter)."""
+
     @torch.no_grad()
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
         units, normed = self._pending_units, self._normed
         self._pending_units, self._normed = 0, frozenset()
         self._count_participation(units)
-        for parameter in self.params:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)  # untouched by the loss, or an empty batch
-            elif id(parameter) not in normed and bool(self._shard(parameter.grad).any()):
-                raise RuntimeError(
-                    "a parameter received a gradient that the ghost norm pass did not measure, so it would "
-                    "not be clipped; use grad_sample_mode: hooks for this module"
-                )
-            if not bool(self._shard(parameter.grad).isfinite().all()):
-                raise RuntimeError(
-                    "the clipped gradient is not finite: an example with a non-finite loss or activation "
-                    "cannot be isolated by ghost clipping; use grad_sample_mode: hooks, which drops it"
-                )
+        self._raise_if(self._gradient_problem(normed))
         std = self.noise_multiplier * self.max_grad_norm
         for parameter in self.params:
             grad = self._shard(parameter.grad)
-            noise = _generate_noise(std, grad, generator=self.generator, secure_mode=self.secure_mode)
-            grad.add_(noise).div_(self.expected_batch_size)
+            if self._add_noise():
+                grad.add_(_generate_noise(std, grad, generator=self.generator, secure_mode=self.secure_mode))
+            grad.div_(self.expected_batch_size)
+        self._reduce()
         if self.step_hook:
             self.step_hook(self)
         self.noisy_steps += 1
         return True
+
+
+class DistributedGhostDPOptimizer(GhostDPOptimizer):
+    """Ghost mode under DDP (whose own gradient sync is off, ``patching.stop_ddp_gradient_sync``): each rank's
+    ``p.grad`` holds the clipped sum of its share of the Poisson sample; rank 0 adds the noise, each rank divides
+    by its expected share and the results are all-reduced and averaged, as Opacus's ``DistributedDPOptimizer``
+    does in hook mode: ``(Σ_{global i} c_i g_i + N(0, σ²C²)) / global expected batch size`` on every rank. A rank
+    with an empty share still steps (its sum is zero), so the all-reduce always has every rank."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+
+    def _add_noise(self) -> bool:
+        return self.rank == 0
+
+    def _reduce(self) -> None:
+        for parameter in self.params:
+            torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
+            parameter.grad /= self.world_size

@@ -157,12 +157,15 @@ def make_dp_optimizer(
 
     ``secure_mode`` is Opacus's noise that resists floating-point attacks (each coordinate is the sum of
     four Gaussian draws, halved); it needs a cryptographically secure ``generator`` to mean anything.
-    ``ghost``: the gradients arrive clipped and summed (``ghost.GhostDPOptimizer``, one process only).
+    ``ghost``: the gradients arrive clipped and summed (``ghost.GhostDPOptimizer``; under DDP the distributed one,
+    which all-reduces them after rank 0's noise, as ``DistributedDPOptimizer`` does in hook mode).
     """
-    from lit_dprl.privacy.ghost import GhostDPOptimizer  # ghost builds on this module's checks
+    from lit_dprl.privacy import ghost as ghost_mode  # ghost builds on this module's checks
 
-    cls = NoiseOnlyDistributedDPOptimizer if distributed else NoiseOnlyDPOptimizer
-    cls = GhostDPOptimizer if ghost else cls
+    if ghost:
+        cls = ghost_mode.DistributedGhostDPOptimizer if distributed else ghost_mode.GhostDPOptimizer
+    else:
+        cls = NoiseOnlyDistributedDPOptimizer if distributed else NoiseOnlyDPOptimizer
     return cls(
         optimizer,
         noise_multiplier=noise_multiplier,

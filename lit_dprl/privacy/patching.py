@@ -64,7 +64,7 @@ def patch_training_step(pl_module: pl.LightningModule, step: Callable[..., Any])
 
 def hook_per_example_gradients(pl_module: pl.LightningModule, trainer: pl.Trainer) -> GradSampleHooks:
     """Opacus's per-example gradient hooks on ``pl_module`` (``cleanup()`` removes them); under DDP, DDP's
-    own gradient sync is turned off."""
+    own gradient sync is turned off (``stop_ddp_gradient_sync``)."""
     try:
         hooks = GradSampleHooks(pl_module, batch_first=True, loss_reduction="mean", strict=True)
     except NotImplementedError as err:
@@ -72,10 +72,15 @@ def hook_per_example_gradients(pl_module: pl.LightningModule, trainer: pl.Traine
             f"Opacus cannot compute per-example gradients for this module: {err}. Freeze those layers or "
             "replace them (opacus.validators.ModuleValidator.fix)."
         ) from err
+    stop_ddp_gradient_sync(trainer)
+    return hooks
+
+
+def stop_ddp_gradient_sync(trainer: pl.Trainer) -> None:
+    """Under DDP, turn off DDP's own gradient all-reduce (and buffer broadcast): the DP optimizer reduces the
+    gradients after clipping and noise; DDP's all-reduce in backward would only cost bandwidth and would hang
+    on a rank with an empty batch (no backward)."""
     ddp = trainer.strategy.model
     if isinstance(ddp, DistributedDataParallel):
-        # Gradients are reduced by Opacus's DistributedDPOptimizer after clipping and noise; DDP's own
-        # all-reduce in backward would only cost bandwidth and would hang on a rank with an empty batch.
         ddp.require_backward_grad_sync = False
         ddp.require_forward_param_sync = False
-    return hooks

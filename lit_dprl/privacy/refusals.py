@@ -83,17 +83,12 @@ def check_arguments(
 
 
 def refuse_ghost_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Refuse what ``grad_sample_mode='ghost'`` does not serve: manual optimization and several processes."""
+    """Refuse what ``grad_sample_mode='ghost'`` does not serve: manual optimization (PPO/GRPO)."""
     if not pl_module.automatic_optimization:
         raise DPConfigurationError(
             "grad_sample_mode='ghost' needs automatic optimization (the callback runs the norm pass inside "
             f"training_step and hands Lightning the clipped loss); {type(pl_module).__name__} optimizes "
             "manually (PPO/GRPO): use grad_sample_mode: hooks"
-        )
-    if trainer.world_size > 1 and not isinstance(trainer.strategy, ModelParallelStrategy):
-        raise DPConfigurationError(
-            f"grad_sample_mode='ghost' is not tested across processes (world_size={trainer.world_size}): "
-            "use grad_sample_mode: hooks under DDP"
         )
 
 

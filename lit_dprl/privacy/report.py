@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.tensor import DTensor
 
 REPORT_NAME = "privacy.json"
 EXPORT_MARKER = "export_complete.json"
@@ -256,10 +257,15 @@ def _replaceable(target: Path) -> bool:
 
 def export_after_fit(pl_module: pl.LightningModule, export_dir: str | Path | None) -> Path | None:
     """A stage's ``on_fit_end``: on global rank zero, ``write_export`` of ``pl_module.export`` (which writes the
-    weights and tokenizer into a directory) with the trainer's report; nothing when ``export_dir`` is None."""
+    weights and tokenizer into a directory) with the trainer's report; nothing when ``export_dir`` is None. Under
+    FSDP the finiteness check reads rank zero's shards (reading the others would be a collective)."""
     if export_dir is None or not pl_module.trainer.is_global_zero:
         return None
-    broken = [name for name, p in pl_module.named_parameters() if p.requires_grad and not p.isfinite().all()]
+    broken = [
+        name
+        for name, p in pl_module.named_parameters()
+        if p.requires_grad and not (p.to_local() if isinstance(p, DTensor) else p).isfinite().all()
+    ]
     if broken:
         raise FloatingPointError(
             f"training produced non-finite weights ({len(broken)} tensors, e.g. {broken[0]}); nothing was exported "

@@ -1,7 +1,8 @@
 """Inside a training step: noise-only steps for empty Poisson batches, and physical chunks of a batch.
 
 An empty Poisson sample never reaches the module: a manual-optimization module's optimizers still take
-their declared number of (noise-only) steps, an automatic one's optimizer steps with no loss. A batch
+their declared number of (noise-only) steps, an automatic one's optimizer steps with no loss (under DDP,
+where Lightning refuses a skipped step, with a constant zero loss). A batch
 larger than ``max_physical_batch_size`` is run in chunks whose per-unit gradients are clipped and summed
 into the DP optimizer (skipped steps), then the last chunk goes through Lightning's step, which adds the
 noise once. Under user-level DP a user's rows stay in one chunk and the optimizer is told each row's user.
@@ -99,6 +100,11 @@ def dp_training_step(
     if isinstance(batch, EmptyBatch):
         if not pl_module.automatic_optimization:
             noise_only_manual_steps(pl_module, steps_per_optimizer)
+            return None
+        if pl_module.trainer.world_size > 1:
+            # Lightning refuses a skipped step under DDP; a zero loss on no parameter has an empty backward
+            # (DDP's gradient sync is off: the DP optimizer's all-reduce in the step is the only collective)
+            return torch.zeros((), device=pl_module.device, requires_grad=True)
         return None  # automatic optimization: the DP optimizer still takes a noise-only step
     if max_physical_batch_size and pl_module.automatic_optimization:
         (optimizer,) = optimizers

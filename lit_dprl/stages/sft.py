@@ -24,6 +24,7 @@ from lit_dprl.models import (
     position_ids_from_mask,
 )
 from lit_dprl.privacy.report import export_after_fit
+from lit_dprl.sharding import full_state_dict, shard_model
 
 
 class SFTModule(L.LightningModule):
@@ -72,6 +73,13 @@ class SFTModule(L.LightningModule):
             self.model = self.with_lora(self.model)
         self.val_loss = MeanMetric()
         self.val_token_nll = MeanMetric()
+        self._gathered: dict[str, torch.Tensor] | None = (
+            None  # a sharded model's full weights, for the export
+        )
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: shard the model with FSDP2, block by block (``sharding.shard_model``)."""
+        shard_model(self.model, self.device_mesh)
 
     def with_lora(self, model: PreTrainedModel) -> torch.nn.Module:
         """``model`` wrapped with this module's LoRA settings; A is drawn from ``seed`` (global RNG untouched)."""
@@ -134,7 +142,7 @@ class SFTModule(L.LightningModule):
 
     def merged_model(self) -> PreTrainedModel:
         """A CPU copy of the current weights as a plain ``transformers`` model, LoRA merged (see ``merged_copy``)."""
-        return merged_copy(self.model)
+        return merged_copy(self.model, self._gathered)
 
     def export(self, directory: str | os.PathLike) -> Path:
         """Write the merged model and the tokenizer to ``directory``, loadable by ``AutoModelForCausalLM`` and
@@ -145,5 +153,9 @@ class SFTModule(L.LightningModule):
         return directory
 
     def on_fit_end(self) -> None:
-        """Export the merged model with its ``privacy.json`` to ``export_dir`` (global rank zero) when it is set."""
+        """Export the merged model with its ``privacy.json`` to ``export_dir`` (global rank zero) when it is set;
+        a sharded model's weights are gathered first, on every rank."""
+        if self.hparams.export_dir is not None:
+            self._gathered = full_state_dict(self.model)
         export_after_fit(self, self.hparams.export_dir)
+        self._gathered = None
