@@ -44,7 +44,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.data import DataLoader
 
-from lit_dprl.privacy.ghost import GhostDPOptimizer, modules_sharing_parameters
+from lit_dprl.privacy.ghost import GhostDPOptimizer, example_norms, modules_sharing_parameters
 from lit_dprl.privacy.refusals import DPConfigurationError
 from lit_dprl.privacy.sampling import EmptyBatch, derive_seed
 
@@ -185,15 +185,7 @@ class ShardedGhostNormHooks(GradSampleHooksFastGradientClippingFSDP):
         normed = [m for m in self.modules_with_norms if hasattr(m, "norm_sample")]
         self.normed = {i for m in normed for i in self._ids[m]}
         per_parameter = [n.reshape(-1) for m in normed for n in m.norm_sample]
-        if not per_parameter:
-            return torch.zeros(len(losses), device=losses.device)
-        squared = torch.stack([n.to(losses.device, torch.float32) for n in per_parameter]).square().sum(0)
-        if squared.shape != losses.shape:
-            raise DPConfigurationError(
-                f"the per-example gradient norms have shape {tuple(squared.shape)} but per_example_loss has "
-                f"{tuple(losses.shape)}: each loss must belong to one row of the batch (first dimension)"
-            )
-        return squared.sqrt()
+        return example_norms(per_parameter, losses)
 
 
 @contextmanager

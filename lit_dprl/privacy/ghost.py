@@ -182,15 +182,20 @@ class GhostNormHooks(GradSampleHooksFastGradientClipping):
         self.normed = {
             id(p) for p in self.trainable_parameters if getattr(p, "_norm_sample", None) is not None
         }
-        if not per_parameter:
-            return torch.zeros(len(losses), device=losses.device)
-        squared = torch.stack([n.to(losses.device, torch.float32) for n in per_parameter]).square().sum(0)
-        if squared.shape != losses.shape:
-            raise DPConfigurationError(
-                f"the per-example gradient norms have shape {tuple(squared.shape)} but per_example_loss has "
-                f"{tuple(losses.shape)}: each loss must belong to one row of the batch (first dimension)"
-            )
-        return squared.sqrt()
+        return example_norms(per_parameter, losses)
+
+
+def example_norms(per_parameter: list[torch.Tensor], losses: torch.Tensor) -> torch.Tensor:
+    """``sqrt(Σ_p ‖∇_p ℓ_i‖²)`` for each row i of ``losses``, from the ``[B]`` norms of each parameter."""
+    if not per_parameter:
+        return torch.zeros(len(losses), device=losses.device)
+    squared = torch.stack([n.to(losses.device, torch.float32) for n in per_parameter]).square().sum(0)
+    if squared.shape != losses.shape:
+        raise DPConfigurationError(
+            f"the per-example gradient norms have shape {tuple(squared.shape)} but per_example_loss has "
+            f"{tuple(losses.shape)}: each loss must belong to one row of the batch (first dimension)"
+        )
+    return squared.sqrt()
 
 
 def hook_norms(model: nn.Module, max_grad_norm: float) -> GhostNormHooks:
