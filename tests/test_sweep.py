@@ -119,3 +119,42 @@ evaluation:
     assert sft_config["model"] == str(shared)
     evaluation = json.loads((run / "evaluation.json").read_text())
     assert evaluation["pretrained"]["policy"] == str(shared)
+
+
+def with_gain(result, seed, gain, stderr, points):
+    """``result`` with its seed and the evaluation's paired gain of aligned over SFT."""
+    result["evaluation"]["aligned"]["gain"] = {
+        "over": "sft",
+        "reward": gain,
+        "reward_stderr": stderr,
+        "positive_share_points": points,
+    }
+    return {**result, "seed": seed}
+
+
+def test_table_lists_each_seeds_gain_with_its_paired_standard_error(tmp_path):
+    results = {
+        1.0: [
+            with_gain(evaluation(-0.3, 0.0, 0.6), 0, 0.6, 0.05, 20.0),
+            with_gain(evaluation(-0.3, 0.1, 0.5), 1, 0.4, 0.06, 12.5),
+        ],
+        math.inf: [with_gain(evaluation(-0.3, 0.2, 1.2, math.inf), 0, 1.0, 0.07, 30.0)],
+    }
+    table = write_table(summarise(results), tmp_path)
+    assert "| 1 | 0 | +0.600 ± 0.050 | +20.0 |" in table
+    assert "| 1 | 1 | +0.400 ± 0.060 | +12.5 |" in table
+    assert "| ∞ | 0 | +1.000 ± 0.070 | +30.0 |" in table
+
+
+def test_table_only_rebuilds_the_table_from_finished_runs(tmp_path):
+    from lit_dprl.commands.sweep import main
+
+    finished = with_gain(evaluation(-0.3, 0.0, 0.6, 0.99), 0, 0.6, 0.05, 20.0)
+    (tmp_path / "eps-1_seed-0").mkdir()
+    (tmp_path / "eps-1_seed-0" / "summary.json").write_text(json.dumps(finished))
+    rows = main(["--run_dir", str(tmp_path), "--pipeline", "unused.yaml", "--epsilons", "[1.0, 4.0]",
+                 "--seeds", "[0, 1]", "--table_only", "true"])  # fmt: skip
+    assert list(rows) == ["0", "1"] and rows["1"]["seeds"] == 1  # ε = 4 and seed 1 never ran
+    assert "| 1 | 0 | +0.600 ± 0.050 | +20.0 |" in (tmp_path / "table.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        main(["--run_dir", str(tmp_path / "empty"), "--pipeline", "unused.yaml", "--table_only", "true"])

@@ -65,6 +65,11 @@ def summarise(runs_per_epsilon: dict[float, list[dict[str, Any]]]) -> dict[str, 
         }
         if reference_gain is not None and reference_gain > 0:  # a share of a non-positive gain means nothing
             row["gain_kept"] = statistics.fmean(gains[eps]) / reference_gain
+        row["per_seed"] = [
+            {"seed": run.get("seed", i), **e["aligned"]["gain"]}
+            for i, (run, e) in enumerate(zip(runs_per_epsilon[eps], runs, strict=True))
+            if "gain" in e["aligned"]
+        ]  # aligned − SFT on the same prompts, with its paired standard error (pipeline_evaluation)
         rows["inf" if math.isinf(eps) else f"{eps:g}"] = row
     return rows
 
@@ -86,6 +91,18 @@ def write_table(rows: dict[str, Any], run_dir: Path) -> str:
             f"| {label} | {format_epsilon(row['reported_epsilon'])} | {sft[0]:.3f} ± {sft[1]:.3f} | "
             f"{aligned[0]:.3f} ± {aligned[1]:.3f} | {kl[0]:.3f} | {kept} | {row['seeds']} |"
         )
+    per_seed = [(eps, gain) for eps, row in rows.items() for gain in row.get("per_seed", [])]
+    if per_seed:
+        lines += [
+            "",
+            "| ε | seed | aligned − SFT ± paired s.e. | positive (points) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {'∞' if eps == 'inf' else eps} | {g['seed']} | {g['reward']:+.3f} ± {g['reward_stderr']:.3f} | "
+            f"{g['positive_share_points']:+.1f} |"
+            for eps, g in per_seed
+        ]
     table = "\n".join(lines) + "\n"
     (run_dir / "table.md").write_text(table)
     return table
@@ -122,10 +139,13 @@ def run_sweep(
     seeds: list[int],
     shared_stages: list[str],
     max_grad_norm: float | dict[str, float] = 1.0,
+    table_only: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline for every (seed, ε) and write the table; ``max_grad_norm`` is one C for every private
-    stage or ``{stage name: C}``."""
+    stage or ``{stage name: C}``. ``table_only``: rebuild the table from the runs' ``summary.json`` files."""
     root = Path(run_dir)
+    if table_only:
+        return table_from_runs(root, epsilons, seeds)
     base_parser = pipeline_parser()
     base = base_parser.instantiate_classes(
         base_parser.parse_args(["--config", pipeline, "--run_dir", str(root)])
@@ -165,14 +185,36 @@ def run_sweep(
                 reward_stage=shared_paths.get(base.evaluation.reward_stage, base.evaluation.reward_stage),
                 baselines={k: shared_paths.get(v, v) for k, v in base.evaluation.baselines.items()},
             )
-            name = f"eps-{'inf' if math.isinf(eps) else f'{eps:g}'}_seed-{seed}"
+            name = run_name(eps, seed)
             result = run_pipeline(str(root / name), stages, evaluation)
-            results.setdefault(eps, []).append(result)
+            results.setdefault(eps, []).append({**result, "seed": seed})
             rows = summarise(results)  # rewritten after every run, so an interrupted sweep keeps its table
             save_json({"rows": rows, "wall_time_s": time.perf_counter() - started}, root / "table.json")
             table = write_table(rows, root)
             plot(rows, root)
     print(table)
+    return rows
+
+
+def run_name(eps: float, seed: int) -> str:
+    """The folder of one (ε, seed) run inside the sweep's ``run_dir``."""
+    return f"eps-{'inf' if math.isinf(eps) else f'{eps:g}'}_seed-{seed}"
+
+
+def table_from_runs(root: Path, epsilons: list[float], seeds: list[int]) -> dict[str, Any]:
+    """The table and plot of the finished runs (those with a ``summary.json``), nothing retrained or re-evaluated."""
+    results: dict[float, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        for eps in epsilons:
+            summary = root / run_name(eps, seed) / "summary.json"
+            if summary.is_file():
+                results.setdefault(eps, []).append({**json.loads(summary.read_text()), "seed": seed})
+    if not results:
+        raise FileNotFoundError(f"no finished run (summary.json) under {root}: run the sweep first")
+    rows = summarise(results)
+    save_json({"rows": rows}, root / "table.json")
+    print(write_table(rows, root))
+    plot(rows, root)
     return rows
 
 
@@ -195,10 +237,24 @@ def parser() -> ArgumentParser:
         default=1.0,
         help="Clipping norm C of the private stages: one value, or {stage name: C}.",
     )
+    p.add_argument(
+        "--table_only",
+        type=bool,
+        default=False,
+        help="Rebuild table.md, table.json and the plot from the finished runs, without training or evaluating.",
+    )
     return p
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``lit-dprl sweep``."""
     cfg = parser().parse_args(args)
-    return run_sweep(cfg.run_dir, cfg.pipeline, cfg.epsilons, cfg.seeds, cfg.shared_stages, cfg.max_grad_norm)
+    return run_sweep(
+        cfg.run_dir,
+        cfg.pipeline,
+        cfg.epsilons,
+        cfg.seeds,
+        cfg.shared_stages,
+        cfg.max_grad_norm,
+        cfg.table_only,
+    )
