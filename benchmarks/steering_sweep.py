@@ -1,9 +1,12 @@
 """How the demo's steering layer and the bound on its coefficient were chosen, on PUBLIC data only.
 
     python benchmarks/steering_sweep.py --model runs/demo/sft/model --layers 12 18 21 24 27 --alphas 0 0.5 1 1.5 2 3
+    python benchmarks/steering_sweep.py --model runs/demo/sft/model --direction token_log_odds --layers 29 \
+        --alphas 0 2 4 5 6
 
-For each decoder layer and coefficient α it steers the model along the public class-mean direction
-(``lit_dprl.steering``, the same directions as ``PPOModule(steering_layers=...)``), continues prompts made of the
+For each decoder layer and coefficient α it steers the model along a public direction (``--direction``:
+class-mean or token log-odds, ``lit_dprl.steering``, the same directions as ``PPOModule(steering_layers=...,
+steering_direction=...)``), continues prompts made of the
 first words of PUBLIC IMDb reviews (never D1/D3 or the test split), and prints the public reward
 (``lit_dprl.sentiment``: mean logit ± s.e., share positive) and the perplexity of the continuations under the
 pretrained model (fluency): a steering strength whose reward rises while the perplexity explodes is producing
@@ -26,7 +29,8 @@ from lit_dprl.generation import sample_responses
 from lit_dprl.models import load_causal_lm, load_tokenizer
 from lit_dprl.rewards import score_responses
 from lit_dprl.sentiment import imdb_sentiment
-from lit_dprl.steering import add_steering, class_mean_directions, steering_modules
+from lit_dprl.stages.ppo.policy import steered
+from lit_dprl.steering import steering_modules
 
 
 def public_prompts(count: int, words: int) -> list[str]:
@@ -61,6 +65,12 @@ def main() -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=16, help="Continuation length (the demo scores 8-16)."
     )
+    parser.add_argument(
+        "--direction",
+        choices=["class_mean", "token_log_odds"],
+        default="class_mean",
+        help="Kind of direction.",
+    )
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--out", default="runs/steering_sweep.md")
@@ -72,11 +82,8 @@ def main() -> None:
     fluency_model = load_causal_lm(args.fluency, fluency_tokenizer).eval()
     combos = [parse_combo(combo) for combo in args.combos]
     layers = sorted(set(args.layers).union(*combos))
-    public = load_public_sources("imdb_public+rotten_tomatoes").shuffle(seed=0).select(range(256))
-    directions = class_mean_directions(
-        model, tokenizer, public["text"], public["label"], layers, max_length=32
-    )  # the directions PPOModule builds (same source, examples and length)
-    add_steering(model, dict(zip(layers, directions, strict=True)))
+    # the directions PPOModule builds (same source, examples and length)
+    steered(model, tokenizer, layers, "imdb_public+rotten_tomatoes", 256, args.direction)
     modules = dict(zip(layers, steering_modules(model), strict=True))
     settings = [{layer: alpha} for layer in args.layers for alpha in args.alphas] + combos
     prompts = public_prompts(args.prompts, words=4)

@@ -6,9 +6,15 @@ DP at the batch sizes that fit. Here the policy is the frozen model plus, after 
 
     h_ℓ ← h_ℓ + Σ_j α_{ℓ,j} · v_{ℓ,j}
 
-where the directions ``v`` are fixed and computed from public data only (``class_mean_directions``: the
-difference of the mean hidden state of public texts of two classes, e.g. positive minus negative reviews),
-and only the coefficients ``α`` (one per layer and direction: d = a handful) are trained. The private data
+where the directions ``v`` are fixed and computed from public data only, and only the coefficients ``α`` (one
+per layer and direction: d = a handful) are trained. Two kinds of direction:
+
+- ``class_mean_directions``: the difference of the mean hidden state of public texts of two classes (e.g.
+  positive minus negative reviews): a *semantic* direction;
+- ``token_log_odds_direction``: the hidden-state shift whose effect on the next-token logits best matches
+  each token's log-odds of appearing in a positive rather than a negative public text: a *lexical* direction
+  (α ≈ the logit bias, in nats per unit of log-odds, given to class-typical tokens).
+ The private data
 (the RL prompts) decides how far to steer; the public data decides along what. With α = 0 the model is
 exactly the base model, which is the reference policy.
 
@@ -114,6 +120,109 @@ def class_mean_directions(
     feats = torch.cat(features).float().cpu()  # [N, L, d]
     positive = labels_t == positive_label
     return feats[positive].mean(0) - feats[~positive].mean(0)
+
+
+def token_log_odds(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    vocab_size: int,
+    *,
+    positive_label: int = 1,
+    min_count: int = 20,
+    clip: float = 2.0,
+    max_length: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, counts)``, each ``[vocab_size]``: per-token class log-odds and token counts over public ``texts``.
+
+    ``s_t = log((n⁺_t + 1) / (n⁻_t + 1)) − log((N⁺ + 1) / (N⁻ + 1))`` where ``n^±_t`` is the number of texts of
+    each class containing token ``t`` and ``N^±`` the number of texts of each class; ``s_t = 0`` for tokens in
+    fewer than ``min_count`` texts, and ``s`` is clipped to ``[−clip, clip]``. ``counts_t`` = occurrences of ``t``.
+    """
+    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_length)[
+        "input_ids"
+    ]
+    in_class = torch.zeros(2, vocab_size)
+    counts = torch.zeros(vocab_size)
+    texts_per_class = torch.zeros(2)
+    for ids, label in zip(encoded, labels, strict=True):
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        side = 0 if label == positive_label else 1
+        in_class[side, ids_t.unique()] += 1
+        texts_per_class[side] += 1
+        counts += torch.bincount(ids_t, minlength=vocab_size)[:vocab_size].float()
+    if not texts_per_class.all():
+        raise ValueError("token_log_odds needs texts of both classes")
+    scores = torch.log((in_class[0] + 1) / (in_class[1] + 1)) - torch.log(
+        (texts_per_class[0] + 1) / (texts_per_class[1] + 1)
+    )
+    scores[in_class.sum(0) < min_count] = 0.0
+    return scores.clamp(-clip, clip), counts
+
+
+def _final_norm_weight(model: PreTrainedModel) -> torch.Tensor:
+    """The elementwise gain of the norm before the output embedding (ones if the model has none)."""
+    base = getattr(model, "base_model", model)
+    for attribute in ("norm", "ln_f", "final_layernorm"):
+        weight = getattr(getattr(base, attribute, None), "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight.detach().float().cpu()
+    return torch.ones(model.config.hidden_size)
+
+
+@torch.no_grad()
+def token_log_odds_direction(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    layer: int,
+    *,
+    positive_label: int = 1,
+    min_count: int = 20,
+    max_length: int = 32,
+) -> torch.Tensor:
+    """A lexical steering direction ``u`` ``[d]`` at decoder layer ``layer`` from public ``texts``.
+
+    With ``s`` and token counts ``c`` from :func:`token_log_odds`, ``W`` the output embedding ``[V, d]``, ``g``
+    the final norm's gain and ``r`` the median RMS of the layer's output over the texts' tokens:
+
+        v = argmin_v Σ_t √(c_t + 1) · (W_t · v − s_t)²,     u = r · v / g,
+
+    so that adding ``α · u`` to the residual stream shifts the logits by about ``α · W v ≈ α · s`` (exact for
+    the last layer up to the norm's rescaling; the weights fit frequent tokens best). Public texts only.
+    """
+    scores, counts = token_log_odds(
+        tokenizer, texts, labels, model.config.vocab_size, positive_label=positive_label, min_count=min_count
+    )
+    if not scores.any():
+        raise ValueError(
+            f"no token appears in {min_count} of the {len(texts)} public texts with a class preference: pass more "
+            "public texts or a smaller min_count"
+        )
+    unembedding = model.get_output_embeddings().weight.detach().float().cpu()  # [V, d]
+    root_weight = (counts + 1).pow(0.25)  # √ of the weights √(c + 1)
+    root_weight = root_weight / root_weight.mean()
+    fit = torch.linalg.lstsq(unembedding * root_weight[:, None], (scores * root_weight)[:, None])
+    vector = fit.solution.squeeze(1)
+    enc = tokenizer(
+        list(texts[:64]), return_tensors="pt", padding=True, truncation=True, max_length=max_length
+    ).to(model.device)
+    captured: list[torch.Tensor] = []
+    handle = decoder_layers(model)[layer].register_forward_hook(
+        lambda _m, _i, out: captured.append(_output_hidden(out))
+    )
+    try:
+        model(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            position_ids=position_ids_from_mask(enc.attention_mask),
+        )
+    finally:
+        handle.remove()
+    hidden = captured[0][enc.attention_mask.bool()].float().cpu()
+    rms = hidden.pow(2).mean(-1).sqrt().median()
+    return rms * vector / _final_norm_weight(model)
 
 
 def add_steering(model: PreTrainedModel, directions: dict[int, torch.Tensor]) -> PreTrainedModel:

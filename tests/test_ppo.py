@@ -388,17 +388,23 @@ def test_grpo_and_rloo_raise_the_reward_without_and_with_dp(tmp_path):
     assert after_dp > 2 * before_dp
 
 
-def test_steering_coefficients_stay_within_their_bound(tmp_path):
+@pytest.mark.parametrize("direction", ["class_mean", "token_log_odds"])
+def test_steering_coefficients_stay_within_their_bound(tmp_path, direction):
     from lit_dprl.commands.fit import main
 
     cli = main(["fit", "--config", "configs/tiny/grpo.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
                 f"--model.init_args.export_dir={tmp_path / 'model'}", "--trainer.max_steps=1",
                 "--model.init_args.steering_layers=[0, 1]", "--model.init_args.steering_examples=32",
+                f"--model.init_args.steering_direction={direction}",
                 "--model.init_args.learning_rate=0.5", "--model.init_args.steering_max_coefficient=0.2"])  # fmt: skip
     alphas = [m.alpha.item() for m in steering_modules(cli.model.policy)]
     assert all(abs(a) == pytest.approx(0.2) for a in alphas)  # Adam's first step moves each α by ~lr = 0.5
     report = json.loads((tmp_path / "model" / "privacy.json").read_text())
     assert "each within ±0.2" in report["stage"]["adapter"]
+    described = {"class_mean": "class-mean directions", "token_log_odds": "token log-odds directions"}[
+        direction
+    ]
+    assert described in report["stage"]["adapter"]
 
 
 def test_steering_adapter_trains_only_public_direction_coefficients_under_dp(tmp_path):

@@ -1,5 +1,7 @@
 """The public-subspace steering adapter: exact base model at α = 0, lossless export, per-example gradients."""
 
+import math
+
 import pytest
 import torch
 from opacus.grad_sample import GradSampleHooks
@@ -7,11 +9,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_dprl.models import build_tiny_gpt2, build_tiny_tokenizer, position_ids_from_mask
 from lit_dprl.steering import (
+    _final_norm_weight,
     add_steering,
     class_mean_directions,
+    decoder_layers,
     merged_steering_copy,
     steering_disabled,
     steering_modules,
+    token_log_odds,
+    token_log_odds_direction,
 )
 
 
@@ -108,3 +114,63 @@ def test_opacus_per_example_gradients_match_a_loop():
             )
     finally:
         hooks.cleanup()
+
+
+def test_token_log_odds_against_a_loop():
+    tokenizer = build_tiny_tokenizer()
+    texts = ["a good film", "good fun", "a good good cast", "bad film", "a bad cast", "so bad", "a film"]
+    labels = [1, 1, 1, 0, 0, 0, 1]
+    vocab = len(tokenizer)
+    scores, counts = token_log_odds(tokenizer, texts, labels, vocab, min_count=2, clip=5.0)
+    encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    n_pos, n_neg = sum(labels), len(labels) - sum(labels)
+    for token in range(vocab):
+        pos = sum(token in ids for ids, y in zip(encoded, labels, strict=True) if y == 1)
+        neg = sum(token in ids for ids, y in zip(encoded, labels, strict=True) if y == 0)
+        expected = (
+            math.log((pos + 1) / (neg + 1)) - math.log((n_pos + 1) / (n_neg + 1)) if pos + neg >= 2 else 0.0
+        )
+        assert scores[token].item() == pytest.approx(max(-5.0, min(5.0, expected)), abs=1e-5)
+        assert counts[token].item() == sum(ids.count(token) for ids in encoded)
+    good, bad = tokenizer.convert_tokens_to_ids(["g", "b"])  # byte-level: "g" only in good texts, "b" in bad
+    assert scores[good] > 0 > scores[bad]
+    clipped, _ = token_log_odds(tokenizer, texts, labels, vocab, min_count=2, clip=0.1)
+    assert clipped.abs().max() <= 0.1
+    with pytest.raises(ValueError, match="both classes"):
+        token_log_odds(tokenizer, texts[:3], labels[:3], vocab)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_token_log_odds_direction_raises_the_logits_of_class_typical_tokens(family):
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_gpt2(tokenizer) if family == "gpt2" else tiny_llama(len(tokenizer))
+    texts = [
+        "a good film",
+        "good fun",
+        "a good good cast",
+        "fine and good",
+        "bad film",
+        "a bad cast",
+        "so bad",
+    ]
+    labels = [1, 1, 1, 1, 0, 0, 0]
+    last = len(decoder_layers(model)) - 1
+    direction = token_log_odds_direction(model, tokenizer, texts, labels, last, min_count=2)
+    scores, counts = token_log_odds(tokenizer, texts, labels, model.config.vocab_size, min_count=2)
+    # the weighted least-squares fit, by its normal equations, times r / g
+    unembedding = model.get_output_embeddings().weight.detach().float()
+    weight = (counts + 1).sqrt()
+    gram = unembedding.T @ (weight[:, None] * unembedding)
+    vector = torch.linalg.solve(gram, unembedding.T @ (weight * scores))
+    ratio = direction * _final_norm_weight(model) / vector
+    torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()), rtol=1e-3, atol=1e-3)
+    assert ratio[0] > 0
+    ids, mask = batch(tokenizer)
+    base = logits(model, ids, mask)[:, -1].detach()
+    add_steering(model, {last: direction})
+    with torch.no_grad():
+        steering_modules(model)[0].alpha.fill_(0.5)
+    shift = logits(model, ids, mask)[:, -1].detach() - base
+    assert ((shift - shift.mean(-1, keepdim=True)) @ (weight * scores) > 0).all()
+    with pytest.raises(ValueError, match="min_count"):
+        token_log_odds_direction(model, tokenizer, texts, labels, last)  # no token in 20 of 7 texts

@@ -81,12 +81,15 @@ class PPOModule(PolicyRollouts):
         lora_dropout: LoRA dropout (refused under DP: its masks come from the shared torch RNG).
         lora_target_modules: Modules to adapt (None: peft's default for the architecture).
         steering_layers: Train a public-subspace steering adapter instead of LoRA (``lit_dprl.steering``): after
-            each listed decoder layer add ``α_ℓ · v_ℓ``, where ``v_ℓ`` is the class-mean difference of public
-            labelled texts (``steering_source``) and only the α's (one per layer) are trained. Under DP the
+            each listed decoder layer add ``α_ℓ · v_ℓ``, where ``v_ℓ`` is a direction computed from public
+            labelled texts (``steering_source``, ``steering_direction``) and only the α's (one per layer) are trained. Under DP the
             noise grows with √d, so a handful of parameters learns where thousands drown on a CPU budget.
         steering_source: Public labelled texts for the directions ("imdb_public", "rotten_tomatoes" or both
             joined by "+"; label 1 = the direction's positive end).
-        steering_examples: Public texts used for the directions.
+        steering_examples: Public texts used for class-mean directions (token log-odds use all of the source).
+        steering_direction: "class_mean" (mean hidden state of positive minus negative public texts: a semantic
+            direction) or "token_log_odds" (the shift whose effect on the logits best matches each token's
+            public class log-odds: a lexical direction, α ≈ nats of logit bias per unit of log-odds).
         steering_max_coefficient: After every optimizer step each α is clipped to ``[-bound, bound]`` (a
             projection of the noisy update: post-processing, no privacy cost). Choose the bound on public
             data, e.g. the largest α whose continuations of public prompts stay fluent; None: unbounded.
@@ -140,6 +143,7 @@ class PPOModule(PolicyRollouts):
         steering_layers: list[int] | None = None,
         steering_source: str = "imdb_public+rotten_tomatoes",
         steering_examples: int = 256,
+        steering_direction: Literal["class_mean", "token_log_odds"] = "class_mean",
         steering_max_coefficient: float | None = None,
         learning_rate: float = 3e-3,
         weight_decay: float = 0.0,

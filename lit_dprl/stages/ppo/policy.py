@@ -17,26 +17,43 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lit_dprl.data.imdb import load_public_sources
 from lit_dprl.models import add_lora, merged_copy
 from lit_dprl.rewards import RewardFunction, SequenceClassifierReward, load_reward_callable
-from lit_dprl.steering import add_steering, class_mean_directions, merged_steering_copy, steering_disabled
+from lit_dprl.steering import (
+    add_steering,
+    class_mean_directions,
+    merged_steering_copy,
+    steering_disabled,
+    token_log_odds_direction,
+)
 
 STEERING_DIRECTION_MAX_LENGTH = 32
 
 
 def steered(
-    body: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layers: list[int], source: str, examples: int
+    body: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: list[int],
+    source: str,
+    examples: int,
+    direction: str = "class_mean",
 ) -> PreTrainedModel:
-    """``body`` with a steering adapter along public class-mean directions at ``layers``, computed from the first
-    ``examples`` texts of ``source`` (shuffled with seed 0)."""
+    """``body`` with a steering adapter at ``layers`` along public directions from ``source``: class-mean
+    directions of its first ``examples`` texts (shuffled with seed 0), or token log-odds directions from all of
+    its texts (``lit_dprl.steering``)."""
     public = load_public_sources(source).shuffle(seed=0)
-    public = public.select(range(min(examples, len(public))))
-    directions = class_mean_directions(
-        body.eval(),
-        tokenizer,
-        public["text"],
-        public["label"],
-        layers,
-        max_length=STEERING_DIRECTION_MAX_LENGTH,
-    )
+    body.eval()
+    if direction == "token_log_odds":
+        texts, labels = list(public["text"]), list(public["label"])
+        directions = [
+            token_log_odds_direction(
+                body, tokenizer, texts, labels, layer, max_length=STEERING_DIRECTION_MAX_LENGTH
+            )
+            for layer in layers
+        ]
+    else:
+        public = public.select(range(min(examples, len(public))))
+        directions = class_mean_directions(
+            body, tokenizer, public["text"], public["label"], layers, max_length=STEERING_DIRECTION_MAX_LENGTH
+        )
     return add_steering(body, dict(zip(layers, directions, strict=True)))
 
 
@@ -46,7 +63,14 @@ def policy_and_reference(
     """``(policy, reference)``: the adapted body and None (the reference is the adapter-disabled body), or with
     ``use_lora=False`` and no steering the body itself and a frozen copy of it."""
     if hp.steering_layers:
-        policy = steered(body, tokenizer, hp.steering_layers, hp.steering_source, hp.steering_examples)
+        policy = steered(
+            body,
+            tokenizer,
+            hp.steering_layers,
+            hp.steering_source,
+            hp.steering_examples,
+            hp.steering_direction,
+        )
         return policy, None
     if hp.use_lora:
         lora = add_lora(

@@ -14,6 +14,7 @@ from lit_dprl.rewards import reward_source_hazards
 
 ESTIMATORS = ("gae", "rloo", "grpo")
 MINIBATCH_ASSIGNMENTS = ("independent", "permutation")
+STEERING_DIRECTIONS = {"class_mean": "class-mean directions", "token_log_odds": "token log-odds directions"}
 
 
 def check_settings(hp: AttributeDict) -> None:
@@ -50,6 +51,10 @@ def check_settings(hp: AttributeDict) -> None:
         )
     if hp.temperature <= 0:
         raise ValueError(f"temperature must be positive, got {hp.temperature}")
+    if hp.steering_direction not in STEERING_DIRECTIONS:
+        raise ValueError(
+            f"steering_direction must be one of {', '.join(STEERING_DIRECTIONS)}, got {hp.steering_direction!r}"
+        )
     bound = hp.steering_max_coefficient
     if bound is not None and (bound <= 0 or not hp.steering_layers):
         raise ValueError(
@@ -87,7 +92,7 @@ def adapter_description(hp: AttributeDict) -> str:
         return "LoRA" if hp.use_lora else "full fine-tuning"
     bound = f", each within ±{hp.steering_max_coefficient:g}" if hp.steering_max_coefficient else ""
     return (
-        f"steering along public class-mean directions of {hp.steering_source!r} at layers "
+        f"steering along public {STEERING_DIRECTIONS[hp.steering_direction]} of {hp.steering_source!r} at layers "
         f"{hp.steering_layers} (the directions are public; only their coefficients are trained{bound})"
     )
 
