@@ -69,6 +69,37 @@ def _output_hidden(output: torch.Tensor | tuple) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _layer_outputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    max_length: int,
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """One forward pass over ``texts``: ``({ℓ: output of decoder layer ℓ [N, L, d]}, attention mask [N, L])``."""
+    enc = tokenizer(
+        list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length
+    ).to(model.device)
+    blocks = decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+    handles = [
+        blocks[index].register_forward_hook(
+            lambda _m, _i, out, index=index: captured.__setitem__(index, _output_hidden(out))
+        )
+        for index in layers
+    ]
+    try:
+        model(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            position_ids=position_ids_from_mask(enc.attention_mask),
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, enc.attention_mask
+
+
 @torch.no_grad()
 def class_mean_directions(
     model: PreTrainedModel,
@@ -89,34 +120,13 @@ def class_mean_directions(
     labels_t = torch.tensor(list(labels))
     if not ((labels_t == positive_label).any() and (labels_t != positive_label).any()):
         raise ValueError("class_mean_directions needs texts of both classes")
-    blocks = decoder_layers(model)
-    captured: dict[int, torch.Tensor] = {}
-    handles = [
-        blocks[index].register_forward_hook(
-            lambda _m, _i, out, index=index: captured.__setitem__(index, _output_hidden(out))
-        )
-        for index in layers
-    ]
     features = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                list(texts[start : start + batch_size]),
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-            ).to(model.device)
-            model(
-                input_ids=enc.input_ids,
-                attention_mask=enc.attention_mask,
-                position_ids=position_ids_from_mask(enc.attention_mask),
-            )
-            mask = enc.attention_mask.unsqueeze(-1).float()
-            features.append(torch.stack([(captured[i] * mask).sum(1) / mask.sum(1) for i in layers], 1))
-    finally:
-        for handle in handles:
-            handle.remove()
+    for start in range(0, len(texts), batch_size):
+        outputs, mask = _layer_outputs(
+            model, tokenizer, texts[start : start + batch_size], layers, max_length
+        )
+        weights = mask.unsqueeze(-1).float()
+        features.append(torch.stack([(outputs[i] * weights).sum(1) / weights.sum(1) for i in layers], 1))
     feats = torch.cat(features).float().cpu()  # [N, L, d]
     positive = labels_t == positive_label
     return feats[positive].mean(0) - feats[~positive].mean(0)
@@ -205,22 +215,8 @@ def token_log_odds_direction(
     root_weight = root_weight / root_weight.mean()
     fit = torch.linalg.lstsq(unembedding * root_weight[:, None], (scores * root_weight)[:, None])
     vector = fit.solution.squeeze(1)
-    enc = tokenizer(
-        list(texts[:64]), return_tensors="pt", padding=True, truncation=True, max_length=max_length
-    ).to(model.device)
-    captured: list[torch.Tensor] = []
-    handle = decoder_layers(model)[layer].register_forward_hook(
-        lambda _m, _i, out: captured.append(_output_hidden(out))
-    )
-    try:
-        model(
-            input_ids=enc.input_ids,
-            attention_mask=enc.attention_mask,
-            position_ids=position_ids_from_mask(enc.attention_mask),
-        )
-    finally:
-        handle.remove()
-    hidden = captured[0][enc.attention_mask.bool()].float().cpu()
+    outputs, mask = _layer_outputs(model, tokenizer, texts[:64], [layer], max_length)
+    hidden = outputs[layer][mask.bool()].float().cpu()
     rms = hidden.pow(2).mean(-1).sqrt().median()
     return rms * vector / _final_norm_weight(model)
 
